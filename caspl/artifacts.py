@@ -1,0 +1,179 @@
+"""Content-addressed artefact store.
+
+Every expensive artefact (pretrained ToyWorld models, few-shot splits, teacher features and logits, boosting
+prompts) lives in a folder named by the hash of everything that determines it:
+
+    <root>/<kind>/<key>/
+        MANIFEST.json      {"key": ..., "meta": {...}, "files": {"name": {"sha256": ..., "bytes": ...}}}
+        <files...>
+
+A build writes into a temporary sibling folder and renames it into place (atomic on one filesystem); a lock
+file serialises concurrent builders of the same key so the work is done once. A read checks every file against
+the manifest; a folder that fails the check is moved aside and rebuilt, never trusted because it exists.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+MANIFEST = "MANIFEST.json"
+
+
+class CorruptArtifactError(RuntimeError):
+    """An artefact folder whose files do not match its manifest."""
+
+
+def default_cache_root() -> Path:
+    """`$CASPL_CACHE`, else `~/.cache/caspl`."""
+    return Path(os.environ.get("CASPL_CACHE", Path.home() / ".cache" / "caspl")).expanduser().resolve()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot hash object of type {type(obj).__name__}")
+
+
+def content_key(*parts: Any, length: int = 20) -> str:
+    """A short, stable hex key for JSON-able parts (dicts are order-insensitive)."""
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:length]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, key: str, meta: dict | None = None) -> dict:
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            rel = path.relative_to(folder).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {"key": key, "meta": meta or {}, "files": files, "created": time.time()}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify_folder(folder: Path, key: str | None = None) -> dict:
+    """Check every file of `folder` against its manifest; return the manifest or raise CorruptArtifactError."""
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if key is not None and manifest.get("key") != key:
+        raise CorruptArtifactError(f"{folder}: manifest key {manifest.get('key')!r} != expected {key!r}")
+    for rel, info in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            raise CorruptArtifactError(f"{path}: checksum mismatch with {manifest_path}")
+    return manifest
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class ArtifactStore:
+    """Folders keyed by content under `root/<kind>/<key>`; see the module docstring."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser().resolve() if root is not None else default_cache_root()
+
+    def folder(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def get(self, kind: str, key: str) -> Path | None:
+        """The verified folder for (kind, key), or None when absent; a corrupt folder is moved aside."""
+        folder = self.folder(kind, key)
+        if not (folder / MANIFEST).exists():
+            return None
+        try:
+            verify_folder(folder, key)
+        except CorruptArtifactError as exc:
+            self._quarantine(folder, str(exc))
+            return None
+        return folder
+
+    def get_or_build(
+        self,
+        kind: str,
+        key: str,
+        build: Callable[[Path], dict | None],
+        *,
+        log: Callable[[str], None] | None = print,
+    ) -> Path:
+        """Return the folder for (kind, key), building it with `build(tmp_folder) -> meta` if needed."""
+        if (found := self.get(kind, key)) is not None:
+            return found
+        folder = self.folder(kind, key)
+        with file_lock(self.root / kind / f".{key}.lock"):
+            if (found := self.get(kind, key)) is not None:  # another process built it while we waited
+                return found
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}.build."))
+            try:
+                meta = build(tmp) or {}
+                write_manifest(tmp, key, meta)
+                os.rename(tmp, folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        if log:
+            log(f"[caspl] built {kind}/{key} -> {folder}")
+        return folder
+
+    def _quarantine(self, folder: Path, reason: str) -> None:
+        target = folder.with_name(f".{folder.name}.corrupt.{int(time.time() * 1000)}")
+        try:
+            os.rename(folder, target)
+        except OSError:  # another process moved it first
+            pass
+        print(f"[caspl] warning: {reason}; rebuilding")

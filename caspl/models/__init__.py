@@ -1,0 +1,11 @@
+"""open_clip loading, prompt-aware forward passes, prompt groups and the cascade."""
+
+from caspl.models.cascade import ADAPT, BOOST, Outputs, PromptedCLIP
+from caspl.models.encoders import Insert, encode_image, encode_text
+from caspl.models.loading import LoadedCLIP, ModelSpec, architecture_config, list_architectures, load_clip
+from caspl.models.prompts import PromptGroup
+
+__all__ = [
+    "ADAPT", "BOOST", "Insert", "LoadedCLIP", "ModelSpec", "Outputs", "PromptGroup", "PromptedCLIP",
+    "architecture_config", "encode_image", "encode_text", "list_architectures", "load_clip",
+]
