@@ -12,6 +12,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 logging.getLogger().setLevel(logging.ERROR)  # open_clip logs "randomly initialised" warnings for every build
 
+import torch  # noqa: E402
+
+# Tiny models gain nothing from a second thread, and two spinning OpenMP threads on a busy 2-core machine slow a
+# training step down by an order of magnitude; Ray workers already default to one thread per CPU they hold.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
@@ -41,3 +47,15 @@ def vit_b16():
 
     torch.manual_seed(0)
     return load_clip(ModelSpec("ViT-B-16"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

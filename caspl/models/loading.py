@@ -21,6 +21,8 @@ import logging
 import os
 import socket
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +53,18 @@ class _QuietRandomInit(logging.Filter):
 
 
 logging.getLogger().addFilter(_QuietRandomInit())
+
+
+@contextmanager
+def _quiet_root_logger():
+    """open_clip narrates every build at INFO on the root logger, which Ray workers print; hush it meanwhile."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -98,17 +112,20 @@ def load_clip(spec: ModelSpec) -> LoadedCLIP:
     quick_gelu = _choose_quick_gelu(spec, tag_cfg, is_openai_jit)
     if checkpoint is not None and spec.quick_gelu is None and not tag_cfg and not is_openai_jit:
         log.info("weights from %s: using quick_gelu=%s; set quick_gelu: true for OpenAI weights", checkpoint, quick_gelu)
-    model = open_clip.create_model(
-        spec.name,
-        pretrained=None,
-        force_quick_gelu=quick_gelu,
-        force_preprocess_cfg=_preprocess_overrides(tag_cfg),
-    )
+    with torch.random.fork_rng(devices=[]), _quiet_root_logger():
+        torch.manual_seed(zlib.crc32(spec.name.encode()))  # random init is the same in every process (teacher actors)
+        model = open_clip.create_model(
+            spec.name,
+            pretrained=None,
+            force_quick_gelu=quick_gelu,
+            force_preprocess_cfg=_preprocess_overrides(tag_cfg),
+        )
     if state_dict is not None:
         _load_strict(model, state_dict, checkpoint)
     model = model.to(device=spec.device, dtype=PRECISIONS[spec.precision]).eval()
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    tokenizer = open_clip.get_tokenizer(spec.name, context_length=model.context_length)
+    with _quiet_root_logger():
+        tokenizer = open_clip.get_tokenizer(spec.name, context_length=model.context_length)
     return LoadedCLIP(model, tokenizer, preprocess, spec, checkpoint, {"quick_gelu": quick_gelu})
 
 

@@ -1,0 +1,298 @@
+"""The teacher logits cache: Ray Data streams unlabeled images through teacher actors once per view set.
+
+Key = hash(teacher identity incl. weights sha256, class list, template, view geometry, view count, view seed, image
+ids). Layout under the artefact store:
+
+    teacher_logits/.<key>.partial/shard-<n>.npz (+ .json with sha256)   while running; finished shards survive a kill
+    teacher_logits/<key>/…  + MANIFEST.json                            once every image is done (atomic rename)
+
+A shard holds, per image: id, ok flag, error message, and cosine similarities [V, C] for its V views. An unreadable
+image is skipped, counted and named (strict mode: an error). A shard whose checksum fails is deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from caspl.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, sha256_file, write_manifest
+from caspl.data.base import load_image
+from caspl.data.views import make_view
+from caspl.errors import ConfigError, DataError
+from caspl.models import ModelSpec
+
+KIND = "teacher_logits"
+CACHE_VERSION = 1
+
+
+@dataclass
+class CacheConfig:
+    views: int = 4  # augmented views per image
+    seed: int = 0  # view seed: view v of image i is the same crop/flip for teacher and student
+    actors: int = 1  # teacher actor pool size
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0
+    batch_size: int = 64  # images per actor call
+    shard_size: int = 512  # images per shard file
+    strict: bool = False  # an unreadable image is an error instead of a skip
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def __post_init__(self):
+        if self.views < 1 or self.actors < 1 or self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError("cache.views, cache.actors, cache.batch_size and cache.shard_size must be >= 1")
+
+
+@dataclass
+class UnlabeledImages:
+    """Images identified by content: id = sha256 of the file bytes (first 24 hex digits)."""
+
+    ids: list[str]
+    paths: list[str]
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str], threads: int = 8) -> "UnlabeledImages":
+        unique = sorted(set(paths))
+        with ThreadPoolExecutor(threads) as pool:
+            ids = list(pool.map(_content_id, unique))
+        seen: dict[str, str] = {}
+        for image_id, path in zip(ids, unique):  # byte-identical files are one image
+            seen.setdefault(image_id, path)
+        order = sorted(seen)
+        return cls(order, [seen[i] for i in order])
+
+
+def _content_id(path: str) -> str:
+    try:
+        return sha256_file(Path(path))[:24]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read image file ({exc}); fix or remove it") from None
+
+
+def cache_key(teacher_identity: dict, classnames: Sequence[str], template: str, cfg: CacheConfig,
+              image_ids: Sequence[str]) -> str:
+    return content_key(CACHE_VERSION, teacher_identity, list(classnames), template, list(cfg.crop_scale),
+                       cfg.views, cfg.seed, list(image_ids))
+
+
+class TeacherActor:
+    """Ray Data callable class: {"id", "path"} batches -> {"id", "ok", "error", "sims" [n, V, C]}."""
+
+    def __init__(self, teacher: dict, store_root: str, classnames: list[str], template: str,
+                 crop_scale: list[float], views: int, seed: int, threads: int = 1):
+        from caspl.distill.teacher import TeacherScorer, load_teacher, teacher_text_features
+
+        torch.set_num_threads(max(1, threads))
+        loaded = load_teacher(ModelSpec(**teacher))
+        text = teacher_text_features(loaded, classnames, template, ArtifactStore(store_root))
+        self.scorer = TeacherScorer(loaded, text, crop_scale)
+        self.spec = self.scorer.view_spec
+        self.views, self.seed, self.n_classes = views, seed, len(classnames)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, paths = [str(i) for i in batch["id"]], [str(p) for p in batch["path"]]
+        ok, errors, tensors = [], [], []
+        for image_id, path in zip(ids, paths):
+            try:
+                image = load_image(path)
+                tensors += [make_view(image, image_id, v, self.seed, self.spec) for v in range(self.views)]
+                ok.append(True)
+                errors.append("")
+            except DataError as exc:
+                ok.append(False)
+                errors.append(str(exc)[:300])
+        sims = np.zeros((len(ids), self.views, self.n_classes), dtype=np.float32)
+        if tensors:
+            scores = self.scorer(torch.stack(tensors)).numpy().reshape(-1, self.views, self.n_classes)
+            sims[np.array(ok)] = scores
+        return {"id": np.array(ids), "ok": np.array(ok), "error": np.array(errors), "sims": sims}
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    key: str
+    computed: int = 0  # images run through the teacher in this call
+    reused: int = 0  # images found in finished shards
+    skipped: list[dict] = field(default_factory=list)
+    teacher_views: int = 0  # teacher forward passes (one per view) in this call
+    seconds: float = 0.0
+
+
+def build_logits_cache(
+    teacher: ModelSpec,
+    classnames: Sequence[str],
+    template: str,
+    images: UnlabeledImages,
+    cfg: CacheConfig,
+    store: ArtifactStore,
+    *,
+    progress: bool = True,
+) -> BuildReport:
+    """Make sure the cache for these inputs exists; compute only what no finished shard holds."""
+    from caspl.distill.teacher import model_identity
+
+    start = time.perf_counter()
+    key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
+    if (done := store.get(KIND, key)) is not None:
+        return BuildReport(done, key, reused=len(images.ids), skipped=_manifest_skips(done))
+    partial = store.root / KIND / f".{key}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    finished = _finished_ids(partial)
+    todo = [(i, p) for i, p in zip(images.ids, images.paths) if i not in finished]
+    report = BuildReport(store.folder(KIND, key), key, reused=len(images.ids) - len(todo))
+    if todo:
+        _run_teacher(teacher, classnames, template, cfg, store, partial, todo, report, progress)
+    _finalise(partial, key, store, report, cfg, len(images.ids))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run_teacher(teacher, classnames, template, cfg, store, partial, todo, report, progress) -> None:
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from caspl.ray_env import ensure_ray
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items([{"id": i, "path": p} for i, p in todo])
+    ds = ds.map_batches(
+        TeacherActor,
+        fn_constructor_kwargs=dict(
+            teacher=asdict(teacher), store_root=str(store.root), classnames=list(classnames), template=template,
+            crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed, threads=max(1, int(cfg.actor_num_cpus))),
+        compute=ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.actor_num_cpus,
+        num_gpus=cfg.actor_num_gpus or None,
+        batch_format="numpy",
+    )
+    bar = _progress(len(todo), progress)
+    next_shard = _next_shard_index(partial)
+    for batch in ds.iter_batches(batch_size=cfg.shard_size, batch_format="numpy"):
+        _write_shard(partial / f"shard-{next_shard:05d}.npz", batch)
+        next_shard += 1
+        n, n_ok = len(batch["id"]), int(batch["ok"].sum())
+        report.computed += n
+        report.teacher_views += n_ok * cfg.views
+        for image_id, ok, error in zip(batch["id"], batch["ok"], batch["error"]):
+            if not ok:
+                if cfg.strict:
+                    raise DataError(f"unreadable image {image_id}: {error} (cache.strict is on)")
+                print(f"[caspl] skipped image {image_id}: {error}")
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="teacher logits", unit="img", mininterval=2.0)
+
+
+def _write_shard(path: Path, batch: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, id=batch["id"].astype(str), ok=batch["ok"].astype(bool), error=batch["error"].astype(str),
+             sims=batch["sims"].astype(np.float32))
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)  # data first, then its checksum: a shard without a sidecar is not finished
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"sha256": hashlib.sha256(data).hexdigest(),
+                                                              "images": len(batch["id"])}))
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray] | None:
+    """A shard's arrays, or None when it is unfinished or fails its checksum (then it is deleted)."""
+    sidecar = path.with_suffix(".json")
+    try:
+        expected = json.loads(sidecar.read_text())["sha256"]
+        if sha256_file(path) == expected:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        print(f"[caspl] warning: teacher shard {path.name} fails its checksum; recomputing its images")
+    except (OSError, ValueError, KeyError):
+        pass
+    for stale in (path, sidecar):
+        stale.unlink(missing_ok=True)
+    return None
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("shard-*.npz"))
+
+
+def _finished_ids(partial: Path) -> set[str]:
+    ids: set[str] = set()
+    for shard in _shards(partial):
+        if (arrays := _read_shard(shard)) is not None:
+            ids.update(arrays["id"].tolist())
+    return ids
+
+
+def _next_shard_index(partial: Path) -> int:
+    indices = [int(p.stem.split("-")[1]) for p in _shards(partial)]
+    return max(indices, default=-1) + 1
+
+
+def _finalise(partial: Path, key: str, store: ArtifactStore, report: BuildReport, cfg: CacheConfig,
+              n_images: int) -> None:
+    skipped = []
+    for shard in _shards(partial):
+        arrays = _read_shard(shard)
+        if arrays is None:
+            raise RuntimeError(f"teacher shard {shard} vanished while finishing the cache; run again")
+        skipped += [{"id": i, "error": e} for i, ok, e in zip(arrays["id"], arrays["ok"], arrays["error"]) if not ok]
+    report.skipped = skipped
+    write_manifest(partial, key, {"kind": KIND, "images": n_images, "views": cfg.views, "skipped": skipped})
+    try:
+        os.rename(partial, store.folder(KIND, key))
+    except OSError:  # a concurrent builder finished first; its folder is equivalent
+        pass
+
+
+def _manifest_skips(folder: Path) -> list[dict]:
+    return json.loads((folder / "MANIFEST.json").read_text())["meta"].get("skipped", [])
+
+
+class LogitsCache:
+    """Read side: cosine similarities of the teacher for (image id, view), verified on open."""
+
+    def __init__(self, folder: Path):
+        ids, sims, ok = [], [], []
+        for shard in _shards(folder):
+            with np.load(shard, allow_pickle=False) as npz:
+                ids += npz["id"].tolist()
+                sims.append(npz["sims"])
+                ok.append(npz["ok"])
+        self.sims = torch.from_numpy(np.concatenate(sims)) if sims else torch.empty(0)
+        self.ok = np.concatenate(ok) if ok else np.zeros(0, bool)
+        self.row = {image_id: r for r, image_id in enumerate(ids)}
+
+    @classmethod
+    def open(cls, store: ArtifactStore, key: str) -> "LogitsCache":
+        folder = store.get(KIND, key)
+        if folder is None:
+            raise DataError(f"teacher cache {key} is missing or damaged in {store.root}; build it with `caspl cache`")
+        return cls(folder)
+
+    @property
+    def usable_ids(self) -> list[str]:
+        return [i for i, r in self.row.items() if self.ok[r]]
+
+    def lookup(self, ids: Sequence[str], views: Sequence[int]) -> torch.Tensor:
+        rows = torch.tensor([self.row[i] for i in ids])
+        return self.sims[rows, torch.tensor(list(views))]

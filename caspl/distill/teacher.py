@@ -1,0 +1,81 @@
+"""The teacher side of boosting: teacher identity, class text features (once), and image scoring.
+
+Teacher outputs are stored as cosine similarities `norm(T.img(view)) @ norm(W_T)ᵀ`; the boosting loop multiplies
+them by the *student's* logit scale (the reference does the same), so one cache serves any student and any
+temperature.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from caspl.artifacts import ArtifactStore, content_key, sha256_file
+from caspl.data.views import model_view_spec
+from caspl.models import LoadedCLIP, ModelSpec, load_clip
+from caspl.models.encoders import encode_image, encode_text
+from caspl.models.loading import _resolve_weights
+
+TEXT_KIND = "teacher_text"
+FEATURES_FILE = "text_features.safetensors"
+
+
+@lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def model_identity(spec: ModelSpec) -> dict:
+    """What determines a model's outputs: architecture, weight source and the weights' sha256."""
+    checkpoint, _ = _resolve_weights(spec)
+    digest = None
+    if checkpoint is not None:
+        stat = Path(checkpoint).stat()
+        digest = _file_digest(str(checkpoint), stat.st_size, stat.st_mtime_ns)
+    return {"name": spec.name, "pretrained": spec.pretrained, "quick_gelu": spec.quick_gelu,
+            "precision": spec.precision, "weights_sha256": digest}
+
+
+def teacher_text_features(teacher: LoadedCLIP, classnames: Sequence[str], template: str,
+                          store: ArtifactStore) -> torch.Tensor:
+    """L2-normalised teacher text features [C, D_T] for one template, computed once and cached."""
+    identity = model_identity(teacher.spec)
+    key = content_key("teacher_text", identity, list(classnames), template)
+
+    def build(folder: Path) -> dict:
+        prompts = [template.replace("{}", name.replace("_", " ")) for name in classnames]
+        with torch.no_grad():
+            tokens = teacher.tokenizer(prompts).to(teacher.spec.device)
+            features = encode_text(teacher.model, tokens, normalize=True).float().cpu()
+        save_file({"features": features.contiguous()}, str(folder / FEATURES_FILE))
+        (folder / "classes.json").write_text(json.dumps({"classnames": list(classnames), "template": template}))
+        return {"teacher": identity}
+
+    folder = store.get_or_build(TEXT_KIND, key, build, log=None)
+    return load_file(str(folder / FEATURES_FILE))["features"]
+
+
+class TeacherScorer:
+    """Teacher image tower + fixed class text features: views [N, 3, S, S] -> cosine similarities [N, C]."""
+
+    def __init__(self, teacher: LoadedCLIP, text_features: torch.Tensor, crop_scale: Sequence[float] = (0.08, 1.0)):
+        self.teacher = teacher
+        self.text = text_features.to(teacher.spec.device)
+        self.view_spec = model_view_spec(teacher.model, crop_scale)
+
+    @torch.no_grad()
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        model = self.teacher.model
+        features = encode_image(model, views.to(self.text.device, dtype=model.logit_scale.dtype), normalize=True)
+        return (features.float() @ self.text.float().t()).cpu()
+
+
+def load_teacher(spec: ModelSpec) -> LoadedCLIP:
+    teacher = load_clip(spec)
+    teacher.model.requires_grad_(False)
+    return teacher

@@ -1,0 +1,1 @@
+"""Training loops (boosting, adapting), evaluation, schedules and training checkpoints."""
