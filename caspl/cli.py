@@ -31,14 +31,52 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toyworld_build(args: argparse.Namespace) -> int:
+    """Build (or load) the ToyWorld teacher and student; print their zero-shot base/novel/HM per dataset."""
+    import time
+
+    from caspl.train.toyworld_pretrain import build_toyworld_models, format_zeroshot_table
+
+    start = time.perf_counter()
+    results = build_toyworld_models(force=args.force, progress=True)
+    print(format_zeroshot_table(results))
+    state = "built" if any(r["built"] for r in results.values()) else "loaded from cache"
+    print(f"{state} in {time.perf_counter() - start:.1f} s")
+    for name, result in results.items():
+        print(f"  {name}: {result['weights']}")
+    return 0
+
+
+def _add_toyworld(sub) -> None:
+    toyworld = sub.add_parser("toyworld", help="the offline ToyWorld: pretrained tiny teacher and student CLIPs")
+    actions = toyworld.add_subparsers(dest="toyworld_command", metavar="ACTION", required=True)
+    build = actions.add_parser("build", help="pretrain (or load) the ToyWorld teacher and student; print zero-shot HM")
+    build.add_argument("--force", action="store_true", help="rebuild even when cached")
+    build.set_defaults(func=_toyworld_build)
+
+
+def _command_modules() -> list:
+    """Every `caspl.commands.<name>` module with a `register(subparsers)` function, in name order."""
+    import importlib
+    import pkgutil
+
+    import caspl.commands
+
+    modules = [importlib.import_module(f"caspl.commands.{m.name}") for m in pkgutil.iter_modules(caspl.commands.__path__)]
+    return [m for m in modules if hasattr(m, "register")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caspl", description="Cascade Prompt Learning studies on open_clip and Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _command_modules():
+        module.register(sub)
     sub.add_parser("version", help="print versions").set_defaults(func=_version)
     sub.add_parser("methods", help="list registered prompt methods").set_defaults(func=_methods)
     models = sub.add_parser("models", help="list CLIP architectures (caspl's own JSON configs by default)")
     models.add_argument("--all", action="store_true", help="include every open_clip architecture")
     models.set_defaults(func=_models)
+    _add_toyworld(sub)
     return parser
 
 

@@ -66,7 +66,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"config key {key} cannot be null")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key)
-    if origin in (list, tuple):
+    if origin in (list, tuple) or hint in (list, tuple):
+        origin = origin or hint
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key} must be a list, got {value!r}")
         item = args[0] if args else Any

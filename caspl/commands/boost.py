@@ -1,0 +1,67 @@
+"""`caspl cache` (build or inspect a teacher logits cache) and `caspl boost` (one boosting run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from caspl.commands.common import add_config_argument, load_config, store_for
+
+
+def register(subparsers) -> None:
+    cache = subparsers.add_parser("cache", help="build (or --inspect) the teacher logits cache of a boosting config")
+    add_config_argument(cache)
+    cache.add_argument("--inspect", action="store_true", help="only report the cache's state; compute nothing")
+    cache.set_defaults(func=run_cache)
+    boost = subparsers.add_parser("boost", help="one boosting run (phase 1) from a YAML config")
+    add_config_argument(boost)
+    boost.add_argument("--workers", type=int, help="Ray Train DDP workers (0: in this process)")
+    boost.set_defaults(func=run_boost_command)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from caspl.train.boost import BoostRunConfig, prepare_boost
+
+    cfg = load_config(BoostRunConfig, args.config)
+    store = store_for(cfg.runtime)
+    if args.inspect:
+        return _inspect(cfg, store)
+    _, report = prepare_boost(cfg, store)
+    print(json.dumps({"key": report.key, "folder": str(report.folder), "images_computed": report.computed,
+                      "images_reused": report.reused, "images_skipped": len(report.skipped),
+                      "teacher_view_passes": report.teacher_views, "seconds": round(report.seconds, 2)}, indent=1))
+    for skip in report.skipped:
+        print(f"skipped {skip['id']}: {skip['error']}")
+    return 0
+
+
+def _inspect(cfg, store) -> int:
+    from caspl.data import build_dataset, subsample_classes
+    from caspl.distill.cache import KIND, UnlabeledImages, cache_key, _finished_ids
+    from caspl.distill.teacher import model_identity
+
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.options)
+    scored = subsample_classes(dataset, cfg.classes)
+    items = {"train": scored.train, "train+val": scored.train + scored.val, "test": scored.test}[cfg.images]
+    images = UnlabeledImages.from_paths([i.path for i in items])
+    key = cache_key(model_identity(cfg.teacher.spec(cfg.runtime)), scored.classnames, dataset.template, cfg.cache,
+                    images.ids)
+    done = store.get(KIND, key)
+    partial = store.root / KIND / f".{key}.partial"
+    finished = len(_finished_ids(partial)) if partial.exists() else 0
+    state = "complete" if done else ("partial" if finished else "absent")
+    print(json.dumps({"key": key, "state": state, "images": len(images.ids),
+                      "images_done": len(images.ids) if done else finished,
+                      "folder": str(done or partial)}, indent=1))
+    return 0
+
+
+def run_boost_command(args: argparse.Namespace) -> int:
+    from caspl.train.boost import BoostRunConfig, run_boost
+
+    cfg = load_config(BoostRunConfig, args.config, {"workers": args.workers})
+    result = run_boost(cfg, store_for(cfg.runtime))
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"key": result.key, "reused": result.reused, "prompts": str(result.prompts),
+                      "teacher_cache": result.cache_key, "final": last}, indent=1))
+    return 0
