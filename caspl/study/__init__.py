@@ -1,0 +1,1 @@
+"""Studies: Ray Tune + Optuna search over CasPL hyperparameters, MLflow tracking, resume, summaries."""

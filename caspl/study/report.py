@@ -1,0 +1,142 @@
+"""The end of a study: group trials by configuration (mean over seeds), pick the best on validation HM, report its
+test numbers, and log a summary table and plots to the parent MLflow run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+from caspl.study.tracking import client, log_metrics, log_params
+from caspl.train.metrics import harmonic_mean
+
+SEARCHED_PREFIXES = ("boost.", "adapt.")
+
+
+def trial_rows(results) -> list[dict]:
+    rows = []
+    for result in results:
+        config = dict(result.config or {})
+        metrics = dict(result.metrics or {})
+        rows.append({"trial_id": metrics.get("trial_id"), "params": {k: v for k, v in config.items()
+                                                                      if not k.startswith("__")},
+                     "seed_index": config.get("__trial_index__", 0), "metrics": metrics,
+                     "done": bool(metrics.get("finished")), "error": str(result.error) if result.error else None})
+    return rows
+
+
+def group_by_config(rows: list[dict]) -> list[dict]:
+    """One entry per sampled configuration: mean of each final metric over its seeds; HM of the mean base/novel."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["done"]:
+            groups[json.dumps(row["params"], sort_keys=True, default=str)].append(row)
+    entries = []
+    for key, members in groups.items():
+        mean = lambda name: statistics.fmean(float(m["metrics"][name]) for m in members)  # noqa: E731
+        entry = {"params": json.loads(key), "seeds": len(members), "val_hm": mean("val_hm"),
+                 "test_base": mean("test_base"), "test_novel": mean("test_novel")}
+        entry["test_hm"] = harmonic_mean(entry["test_base"], entry["test_novel"])
+        if all("baseline_test_base" in m["metrics"] for m in members):
+            entry["baseline_test_base"] = mean("baseline_test_base")
+            entry["baseline_test_novel"] = mean("baseline_test_novel")
+            entry["baseline_test_hm"] = harmonic_mean(entry["baseline_test_base"], entry["baseline_test_novel"])
+        entries.append(entry)
+    return sorted(entries, key=lambda e: e["val_hm"], reverse=True)
+
+
+def markdown_table(entries: list[dict], param_names: list[str]) -> str:
+    head = ["method", *param_names, "seeds", "val HM", "test base", "test novel", "test HM", "method alone test HM"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [e["params"]["method"], *[_fmt(e["params"].get(p, "")) for p in param_names], str(e["seeds"]),
+                 *(f"{e[k]:.2f}" for k in ("val_hm", "test_base", "test_novel", "test_hm")),
+                 f"{e['baseline_test_hm']:.2f}" if "baseline_test_hm" in e else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def plot_summary(entries: list[dict], param_names: list[str], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = sorted({e["params"]["method"] for e in entries})
+    for name in [p for p in param_names if p.startswith("boost.")]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method in methods:
+            points = [(e["params"][name], e["val_hm"]) for e in entries
+                      if e["params"]["method"] == method and name in e["params"]]
+            if points:
+                ax.scatter(*zip(*points), label=method)
+        ax.set_xlabel(name)
+        ax.set_ylabel("validation HM")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / f"hm_vs_{name.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    best = {m: next(e for e in entries if e["params"]["method"] == m) for m in methods}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = range(len(methods))
+    ax.bar([x - 0.2 for x in xs], [best[m].get("baseline_test_hm", 0) for m in methods], 0.4, label="method alone")
+    ax.bar([x + 0.2 for x in xs], [best[m]["test_hm"] for m in methods], 0.4, label="+CasPL (best on val)")
+    ax.set_xticks(list(xs), methods)
+    ax.set_ylabel("test HM")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "methods_with_and_without_caspl.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return written + [path]
+
+
+def summarise(prepared, results, parent_run_id: str, seconds: float, log: Callable[[str], None]) -> dict:
+    rows = trial_rows(results)
+    entries = group_by_config(rows)
+    param_names = list(prepared.space.params)
+    folder = Path(prepared.store.root) / "study_summaries" / prepared.study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {"study": prepared.study.name, "trials": len(rows), "finished": sum(r["done"] for r in rows),
+               "errored": sum(r["error"] is not None for r in rows), "configs": len(entries),
+               "wall_seconds": round(seconds, 1), "experiment_dir": prepared.experiment_dir,
+               "tracking_uri": prepared.tracking.tracking_uri, "parent_run_id": parent_run_id}
+    if entries:
+        summary["best"] = entries[0]
+        (folder / "summary.md").write_text(markdown_table(entries, param_names))
+        plot_summary(entries, param_names, folder)
+    (folder / "summary.json").write_text(json.dumps({**summary, "configs_ranked": entries}, indent=1, default=str))
+    mlflow_client = client(prepared.tracking)
+    mlflow_client.log_artifacts(parent_run_id, str(folder), artifact_path="summary")
+    if entries:
+        best = entries[0]
+        log_metrics(prepared.tracking, parent_run_id, {f"best_{k}": best[k] for k in
+                                                       ("val_hm", "test_base", "test_novel", "test_hm")}, step=0)
+        log_params(prepared.tracking, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
+    mlflow_client.set_terminated(parent_run_id, "FINISHED" if summary["errored"] == 0 else "FAILED")
+    _print_summary(summary, folder, prepared, log)
+    return summary
+
+
+def _print_summary(summary: dict, folder: Path, prepared, log) -> None:
+    log(f"[study] {summary['finished']}/{summary['trials']} trials finished ({summary['errored']} errored) "
+        f"in {summary['wall_seconds']:.0f}s")
+    if "best" in summary:
+        best = summary["best"]
+        log(f"[study] best on validation HM ({best['val_hm']:.2f}): {best['params']}")
+        log(f"[study]   test base {best['test_base']:.2f}  novel {best['test_novel']:.2f}  HM {best['test_hm']:.2f}"
+            f" (mean of {best['seeds']} seed(s))")
+    log(f"[study] summary table and plots: {folder}")
+    log(f"[study] Tune results: {prepared.experiment_dir}")
+    uri = prepared.tracking.tracking_uri
+    log(f"[study] MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (parent run "
+        f"{summary['parent_run_id']})")

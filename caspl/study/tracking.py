@@ -1,0 +1,160 @@
+"""MLflow tracking for studies: settings from `mlflow.env`, one parent run per study, one child run per trial.
+
+Child runs are keyed by the Tune trial id (tag `caspl.trial_id`) and nested under the parent through the
+`mlflow.parentRunId` tag, so a resumed trial re-attaches to its run instead of opening a duplicate. All paths are
+made absolute: trials run in other working directories, and `ray job submit` runs in a temporary copy of the repo.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from caspl.errors import ConfigError
+
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+TRIAL_TAG = "caspl.trial_id"
+STUDY_TAG = "caspl.study"
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Absolute artefact root next to a SQLite store; a tracking server chooses its own."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            return Path(self.tracking_uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
+        return None
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """KEY=VALUE lines of a dotenv file (comments and blank lines ignored)."""
+    values = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+        key, value = line.split("=", 1)
+        values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def tracking_settings(env_file: str | Path | None, tracking_uri: str | None = None,
+                      experiment: str | None = None) -> TrackingSettings:
+    """Resolve settings: explicit arguments, then environment variables, then the env file, then defaults."""
+    file_values: dict[str, str] = {}
+    base = Path.cwd()
+    if env_file is not None:
+        env_path = Path(env_file).expanduser().resolve()
+        if not env_path.is_file():
+            raise ConfigError(f"MLflow env file {env_path} does not exist; create it or set tracking.env_file")
+        file_values, base = read_env_file(env_path), env_path.parent
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or file_values.get("MLFLOW_TRACKING_URI") \
+        or "sqlite:///mlflow.db"
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or file_values.get("MLFLOW_EXPERIMENT_NAME") \
+        or "caspl"
+    for key, value in file_values.items():  # e.g. MLFLOW_DISABLE_TELEMETRY; never override the caller's environment
+        if key not in ENV_KEYS:
+            os.environ.setdefault(key, value)
+    return TrackingSettings(absolute_uri(uri, base), name)
+
+
+def absolute_uri(uri: str, base: Path) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:  # a plain path: a file store folder
+        return str((base / uri).resolve())
+    return uri
+
+
+def check_tracking(settings: TrackingSettings, timeout: float = 5.0) -> None:
+    """Fail fast, before Ray starts, when the tracking store cannot be used."""
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} is missing or not writable; fix "
+                              "MLFLOW_TRACKING_URI in mlflow.env")
+        return
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({exc}); start it or fix "
+                              "MLFLOW_TRACKING_URI in mlflow.env") from None
+        return
+    if "://" in uri and not uri.startswith(("file://", "databricks")):
+        raise ConfigError(f"MLflow tracking URI {uri} has an unsupported scheme; use sqlite:///, http(s):// or a path")
+
+
+def client(settings: TrackingSettings):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=settings.tracking_uri)
+
+
+def experiment_id(settings: TrackingSettings) -> str:
+    mlflow_client = client(settings)
+    found = mlflow_client.get_experiment_by_name(settings.experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    except Exception:  # created concurrently by another process
+        return mlflow_client.get_experiment_by_name(settings.experiment).experiment_id
+
+
+def start_parent_run(settings: TrackingSettings, study: str, tags: Mapping[str, str], run_id: str | None) -> str:
+    """The study's parent run: `run_id` when resuming (reopened), else a new run."""
+    mlflow_client = client(settings)
+    if run_id is not None:
+        mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = mlflow_client.create_run(experiment_id(settings), run_name=study, tags={STUDY_TAG: study, **tags})
+    return run.info.run_id
+
+
+def trial_run(settings: TrackingSettings, parent_run_id: str, trial_id: str, run_name: str,
+              tags: Mapping[str, str], known_run_id: str | None = None) -> str:
+    """The child run of a trial: the one recorded in its checkpoint, else the one tagged with its id, else new."""
+    mlflow_client = client(settings)
+    if known_run_id is not None:
+        return known_run_id
+    exp = experiment_id(settings)
+    found = mlflow_client.search_runs(
+        [exp], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    if found:
+        return found[0].info.run_id
+    run = mlflow_client.create_run(exp, run_name=run_name,
+                                   tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **tags})
+    return run.info.run_id
+
+
+def log_metrics(settings: TrackingSettings, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    values = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if values:
+        client(settings).log_batch(run_id, metrics=values)
+
+
+def log_params(settings: TrackingSettings, run_id: str, params: Mapping[str, object]) -> None:
+    from mlflow.entities import Param
+
+    mlflow_client = client(settings)
+    existing = mlflow_client.get_run(run_id).data.params
+    fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    for start in range(0, len(fresh), 100):
+        mlflow_client.log_batch(run_id, params=fresh[start:start + 100])

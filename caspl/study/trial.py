@@ -1,0 +1,166 @@
+"""One Tune trial: boosting (reused by key), adapting with per-epoch validation HM, final test numbers, MLflow.
+
+The trial's checkpoint holds its MLflow run id and the adapting run's resumable state, so a trial resumed after a
+crash continues both its training and its MLflow run (no duplicate runs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from caspl import __version__
+from caspl.artifacts import ArtifactStore
+from caspl.config import config_hash, from_dict
+from caspl.study.config import load_study_config
+from caspl.study.space import trial_configs
+from caspl.study.tracking import TrackingSettings, client, log_metrics, log_params, trial_run
+
+TRIAL_STATE = "trial_state.json"
+
+
+def run_trial(config: dict, study: dict, context: dict) -> None:
+    from ray import tune
+
+    from caspl.train.adapt import AdaptRunConfig, load_dataset
+    from caspl.train.boost import BoostRunConfig, run_boost
+
+    study_cfg = load_study_config(study)
+    seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
+    params = {k: v for k, v in config.items() if not k.startswith("__")}
+    method, boost_dict, adapt_dict = trial_configs(study_cfg, params, seed)
+    boost_cfg = from_dict(BoostRunConfig, boost_dict, "boost")
+    adapt_cfg = from_dict(AdaptRunConfig, adapt_dict, "adapt")
+    tracking = TrackingSettings(**context["tracking"])
+    store = ArtifactStore(context["store"])
+    trial_id = tune.get_context().get_trial_id()
+    work = Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
+    state = _restore(work)
+
+    run_id = trial_run(tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
+                       tags={"method": method, "caspl.version": __version__, "caspl.seed": str(seed),
+                             "caspl.adapt_config_hash": config_hash(adapt_cfg)},
+                       known_run_id=state.get("mlflow_run_id"))
+    state["mlflow_run_id"] = run_id
+    log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict), **_flat("adapt", adapt_dict)})
+
+    if "final" in state:  # finished before a crash: report the same result again, touch nothing else
+        _finish_mlflow(tracking, run_id, state["final"])
+        tune.report(state["final"])
+        return
+
+    boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
+    if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
+        for epoch in boost.history:
+            log_metrics(tracking, run_id, {k: v for k, v in epoch.items() if k.startswith("boost/")}, epoch["epoch"])
+        client(tracking).set_tag(run_id, "caspl.boost_key", boost.key)
+        client(tracking).set_tag(run_id, "caspl.teacher_cache_key", boost.cache_key)
+
+    dataset = load_dataset(adapt_cfg.data)
+    final_extra = {}
+    if study_cfg.baselines:  # the method without CasPL; its run is content-addressed, so it trains once per study
+        alone = adapt_and_evaluate(replace(adapt_cfg, boost=None), seed, store, dataset, boost_prompts=None)
+        final_extra = {f"baseline_{split}_{k}": v for split in ("val", "test") for k, v in alone[split].items()}
+
+    def on_epoch(metrics: dict, model) -> None:
+        val = validation_hm(model, dataset)
+        log_metrics(tracking, run_id, {**{f"adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
+                                       **{f"adapt/val_{k}": v for k, v in val.items()}}, metrics["epoch"])
+        _report(work, state, {"phase": "adapt", "epoch": metrics["epoch"], "val_hm": val["hm"],
+                              "trial_id": trial_id})
+
+    result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
+    final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
+             **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
+    if client(tracking).get_run(run_id).info.status != "FINISHED":
+        _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
+    state["final"] = final
+    _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
+    _finish_mlflow(tracking, run_id, final)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
+    """Log the final metrics and close the run, once (a resumed trial finds it already FINISHED)."""
+    if client(tracking).get_run(run_id).info.status == "FINISHED":
+        return
+    log_metrics(tracking, run_id, {k: v for k, v in final.items() if k not in ("phase", "finished", "trial_id")}, 0)
+    client(tracking).set_terminated(run_id, "FINISHED")
+
+
+def adapt_and_evaluate(cfg, seed: int, store: ArtifactStore, dataset, *, boost_prompts: Path | None,
+                       on_epoch=None) -> dict:
+    """Adapt (or resume, or reload: adapting runs are content-addressed in the store) and score val and test."""
+    from caspl.data.views import model_view_spec
+    from caspl.train.adapt import run_adapt
+    from caspl.train.evaluate import base_novel_accuracy
+
+    outcome = run_adapt(cfg, seed, store, boost_prompts=boost_prompts, dataset=dataset, log=lambda line: None,
+                        on_epoch=on_epoch)
+    spec = model_view_spec(outcome.model.clip)
+    scores = {split: base_novel_accuracy(outcome.model, dataset, spec, split) for split in ("val", "test")}
+    return {**scores, "history": outcome.history, "prompts": outcome.prompts}
+
+
+def validation_hm(model, dataset) -> dict:
+    """Base/novel/HM on the validation split; the model's training classes are restored afterwards."""
+    from caspl.data.views import model_view_spec
+    from caspl.train.evaluate import base_novel_accuracy
+
+    classnames, templates = list(model.classnames), list(model.templates)
+    scores = base_novel_accuracy(model, dataset, model_view_spec(model.clip), "val")
+    model.set_classes(classnames, templates)
+    return scores
+
+
+def _restore(work: Path) -> dict:
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, work, dirs_exist_ok=True)
+    path = work / TRIAL_STATE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _report(work: Path, state: dict, metrics: dict) -> None:
+    """Report to Tune with a checkpoint of the trial state and the adapting run's resumable state."""
+    from ray import tune
+
+    (work / TRIAL_STATE).write_text(json.dumps(state))
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work)))
+
+
+def _run_name(params: dict, seed: int) -> str:
+    short = {"boost.depth": "d", "boost.length": "l", "boost.temperature": "T"}
+    parts = [f"{short.get(k, k.split('.')[-1])}={_fmt(v)}" for k, v in params.items() if k != "method"]
+    return f"{params['method']}+caspl " + " ".join(parts) + f" seed={seed}"
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _flat(prefix: str, data: dict) -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(f"{prefix}.{key}", value))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+def _log_artifacts(tracking, run_id: str, result: dict, boost_dict: dict, adapt_dict: dict) -> None:
+    mlflow_client = client(tracking)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "resolved_config.json"
+        path.write_text(json.dumps({"boost": boost_dict, "adapt": adapt_dict}, indent=1, default=str))
+        mlflow_client.log_artifact(run_id, str(path))
+    if result.get("prompts"):
+        mlflow_client.log_artifacts(run_id, str(result["prompts"]), artifact_path="prompts")

@@ -1,0 +1,71 @@
+"""The main job: a CasPL hyperparameter study on Ray Tune + Optuna, tracked in MLflow, resumable.
+
+    python studies/boost_sweep.py                       # the embedded default: ToyWorld, local Ray, SQLite MLflow
+    python studies/boost_sweep.py --config my_study.yaml
+    python studies/boost_sweep.py --smoke-test          # a few tiny trials (CI)
+    python studies/boost_sweep.py --fresh               # start over instead of resuming
+    ray job submit --working-dir . -- python studies/boost_sweep.py --config …   (see ray_jobs/)
+
+Running the same command again on the same storage resumes the study where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `ray job submit --working-dir .` runs this file without installing the package
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+DEFAULT_CONFIG = REPO / "studies" / "configs" / "study" / "toy_default.yaml"
+
+
+def smoke_overrides(data: dict) -> dict:
+    """Shrink any study to a few tiny trials: the same code paths, a CI-sized budget."""
+    data = copy.deepcopy(data)
+    data["name"] = f"{data.get('name', 'study')}-smoke"
+    search = data.setdefault("search", {})
+    search.update({"num_samples": 2, "seeds": search.get("seeds", [1])[:1], "max_concurrent": 2})
+    search.pop("points_to_evaluate", None)
+    for phase in ("boost", "adapt"):
+        optim = data.setdefault(phase, {}).setdefault("optim", {})
+        optim.update({"epochs": 2, "warmup_epochs": 1})
+    data["adapt"]["shots"] = min(int(data["adapt"].get("shots", 4)), 4)
+    data["methods"] = data.get("methods", ["coop"])[:2]
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="study YAML (default: %(default)s)")
+    parser.add_argument("--smoke-test", action="store_true", help="a few tiny trials of the same study")
+    parser.add_argument("--fresh", action="store_true", help="start the study over instead of resuming it")
+    parser.add_argument("--storage", help="Tune storage path or URI (overrides the config's `storage`)")
+    parser.add_argument("--name", help="study name (overrides the config's `name`)")
+    args = parser.parse_args(argv)
+
+    from caspl.config import load_yaml
+    from caspl.errors import CasplError
+    from caspl.study.config import load_study_config
+    from caspl.study.runner import run_study
+
+    try:
+        data = load_yaml(args.config)
+        if args.smoke_test:
+            data = smoke_overrides(data)
+        data.update({k: v for k, v in (("storage", args.storage), ("name", args.name)) if v})
+        study = load_study_config(data)
+        summary = run_study(study, REPO, fresh=args.fresh)
+    except CasplError as exc:
+        print(f"boost_sweep: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if summary.get("errored", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
