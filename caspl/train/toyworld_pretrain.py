@@ -1,0 +1,310 @@
+"""Contrastive pretraining of the tiny ToyWorld teacher and student CLIPs (DESIGN §5), cached by content.
+
+Both are open_clip architectures from our JSON configs (`caspl-toy-teacher`, `caspl-toy-student`), trained from
+scratch by CLIP's symmetric InfoNCE (learnable logit scale) on `pretraining_stream` image-caption batches. The
+teacher is larger, sees every ToyWorld domain and trains longer; the student is smaller, sees only the clean and
+noisy domains and trains briefly, so the teacher knows downstream domains (sketch, dark, textured) the student
+does not: the gap CasPL's boosting prompts distil.
+
+A model lives in the ArtifactStore under kind "toyworld_models", keyed by the hash of its architecture config,
+its recipe, the ToyWorld generator version and this module's PRETRAIN_VERSION:
+
+    <store>/toyworld_models/<key>/model.safetensors   the state dict, loaded strictly by `load_clip`
+    <store>/toyworld_models/<key>/info.json           recipe, training stats, zero-shot base/novel/HM at build time
+
+`load_clip(ModelSpec("caspl-toy-student", pretrained="toyworld"))` reaches `resolve_weights`, which builds on
+first use and afterwards only verifies the checksums. Training is deterministic for a given machine and thread
+count (fixed seeds, deterministic algorithms); the thread count is not part of the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from caspl.artifacts import ArtifactStore, atomic_write_text, content_key
+from caspl.data.toyworld.render import GENERATOR_VERSION
+from caspl.data.toyworld.stream import pretraining_stream
+from caspl.errors import ConfigError
+from caspl.models.loading import LoadedCLIP, ModelSpec, architecture_config, load_clip
+
+KIND = "toyworld_models"
+PRETRAIN_VERSION = 1  # bump on any change to the training code that alters the weights (it is part of the key)
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "info.json"
+TEACHER, STUDENT = "caspl-toy-teacher", "caspl-toy-student"
+EVAL_DATASETS = ("toy_shapes", "toy_sketch", "toy_textures")
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything besides the architecture that determines the pretrained weights."""
+
+    domains: tuple[str, ...]
+    steps: int
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 40
+    final_lr_fraction: float = 0.05  # cosine decays from lr to lr * this
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    init_logit_scale: float = 50.0  # CLIP starts at 1/0.07; a higher start speeds up these short runs
+    seed: int = 0
+    eval_datasets: tuple[str, ...] = field(default=EVAL_DATASETS)  # measured once, stored in info.json
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or not self.domains:
+            raise ConfigError(f"invalid ToyWorld pretraining recipe {self}: need steps >= 1, batch_size >= 2, "
+                              "lr > 0 and at least one domain")
+
+
+# Tuned on 2 CPU cores (about 0.26 s per teacher step, 0.13 s per student step): the teacher sees 64 patches of
+# every domain for 600 steps, the student 16 patches of the clean and noisy domains for 150 steps.
+RECIPES: dict[str, Recipe] = {
+    TEACHER: Recipe(domains=("clean", "noisy", "sketch", "dark", "textured"), steps=600, seed=1),
+    STUDENT: Recipe(domains=("clean", "noisy"), steps=150, seed=2),
+}
+
+
+# ------------------------------------------------------------------------------------------------------- public
+def model_key(name: str, recipe: Recipe) -> str:
+    """The content key of `name` pretrained by `recipe`."""
+    return content_key(KIND, PRETRAIN_VERSION, GENERATOR_VERSION, name, architecture_config(name), asdict(recipe))
+
+
+def resolve_weights(spec: ModelSpec) -> Path:
+    """The ToyWorld weights file for `spec.name` (a `caspl-toy-*` architecture), built on first use."""
+    if spec.name not in RECIPES:
+        raise ConfigError(f"pretrained 'toyworld' exists only for {sorted(RECIPES)}, not {spec.name!r}; "
+                          "use one of those architectures or another weight source")
+    return build_model(spec.name)["weights"]
+
+
+def build_model(
+    name: str,
+    recipe: Recipe | None = None,
+    store: ArtifactStore | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build (or load from the store) `name` pretrained by `recipe` (default RECIPES[name]).
+
+    Returns {"name", "key", "weights": Path, "built": bool, "info": dict from info.json}.
+    """
+    if recipe is None:
+        if name not in RECIPES:
+            raise ConfigError(f"no ToyWorld recipe for {name!r}; known: {sorted(RECIPES)}")
+        recipe = RECIPES[name]
+    store = store or ArtifactStore()
+    key = model_key(name, recipe)
+    if force:
+        _discard(store, key)
+    built = []
+
+    def build(tmp: Path) -> dict:
+        built.append(True)
+        return _build_into(tmp, name, recipe, store, progress)
+
+    folder = store.get_or_build(KIND, key, build, log=None)
+    info = json.loads((folder / INFO_FILE).read_text())
+    return {"name": name, "key": key, "weights": folder / WEIGHTS_FILE, "built": bool(built), "info": info}
+
+
+def build_toyworld_models(
+    store: ArtifactStore | None = None,
+    force: bool = False,
+    recipes: Mapping[str, Recipe] | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Build or load the teacher and the student; returns {architecture name: build_model(...) result}."""
+    recipes = dict(recipes or RECIPES)
+    store = store or ArtifactStore()
+    return {name: build_model(name, recipe, store, force, progress) for name, recipe in recipes.items()}
+
+
+def zeroshot_base_novel(loaded: LoadedCLIP, dataset_name: str, store: ArtifactStore | None = None) -> dict:
+    """Zero-shot top-1 accuracy (%) on the test split, base and novel classes separately, and their HM."""
+    from caspl.data import build_dataset, subsample_classes
+
+    dataset = build_dataset(dataset_name, store or ArtifactStore())
+    base = subset_accuracy(loaded, subsample_classes(dataset, "base"))
+    novel = subset_accuracy(loaded, subsample_classes(dataset, "novel"))
+    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+
+
+@torch.no_grad()
+def subset_accuracy(loaded: LoadedCLIP, dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) on `dataset.test` against its classes, prompted with the dataset's own template."""
+    from caspl.data import load_image
+
+    model = loaded.model
+    param = next(model.parameters())
+    tokens = loaded.tokenizer(dataset.prompts()).to(param.device)
+    text = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    correct = 0
+    for start in range(0, len(dataset.test), batch_size):
+        items = dataset.test[start:start + batch_size]
+        images = torch.stack([loaded.preprocess(load_image(it.path)) for it in items])
+        features = F.normalize(model.encode_image(images.to(param.device, param.dtype)).float(), dim=-1)
+        labels = torch.tensor([it.label for it in items], device=param.device)
+        correct += int(((features @ text.T).argmax(dim=1) == labels).sum())
+    return 100.0 * correct / max(len(dataset.test), 1)
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel <= 0 else 2 * base * novel / (base + novel)
+
+
+def format_zeroshot_table(results: Mapping[str, dict]) -> str:
+    """A text table of the zero-shot base/novel/HM stored with each model (rows: datasets), plus build times."""
+    names = list(results)
+    datasets = list(dict.fromkeys(ds for r in results.values() for ds in r["info"].get("zeroshot", {})))
+    head = f"{'dataset':14s}" + "".join(f" | {n:>24s}" for n in names)
+    lines = [head, f"{'':14s}" + f" | {'base  novel     HM':>24s}" * len(names), "-" * len(head)]
+    for ds in datasets:
+        cells = [r["info"]["zeroshot"].get(ds) for r in results.values()]
+        lines.append(f"{ds:14s}" + "".join(
+            f" | {c['base']:6.2f} {c['novel']:6.2f} {c['hm']:6.2f}".ljust(27) if c else " | " + "-".rjust(24)
+            for c in cells))
+    lines.append(f"{'build seconds':14s}" + "".join(f" | {r['info']['build_seconds']:>24.1f}" for r in results.values()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def train_clip(name: str, recipe: Recipe, progress: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Pretrain `name` from scratch by `recipe`; returns (state dict, training stats)."""
+    import open_clip
+    from tqdm.auto import tqdm
+
+    with _deterministic():
+        torch.manual_seed(recipe.seed)
+        model = open_clip.create_model(name, pretrained=None).train()
+        model.logit_scale.data.fill_(math.log(recipe.init_logit_scale))
+        tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
+        optimizer = _optimizer(model, recipe)
+        mean, std = _normalisation(model)
+        stream = pretraining_stream(recipe.seed, recipe.domains, recipe.batch_size, recipe.steps,
+                                    image_size=model.visual.image_size[0])
+        losses: list[float] = []
+        start = time.perf_counter()
+        with tqdm(total=recipe.steps, desc=f"pretrain {name}", unit="step", disable=not progress) as bar:
+            for step, (images, texts) in enumerate(stream):
+                _set_lr(optimizer, recipe, step)
+                losses.append(_train_step(model, optimizer, _to_tensor(images, mean, std), tokenizer(texts), texts))
+                bar.update()
+                if step % 10 == 0 or step == recipe.steps - 1:
+                    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        seconds = time.perf_counter() - start
+    stats = {"train_seconds": round(seconds, 2), "final_loss": round(float(np.mean(losses[-20:])), 4),
+             "logit_scale": round(model.logit_scale.detach().exp().item(), 3), "threads": torch.get_num_threads()}
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, stats
+
+
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, texts: list[str]
+) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE; pairs with identical captions count as positives of each other."""
+    logits = logit_scale.exp() * image_features @ text_features.T
+    ids = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+    caption = torch.tensor([ids[t] for t in texts])
+    same = (caption[:, None] == caption[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)  # symmetric: duplicates form blocks
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _train_step(model, optimizer, images: torch.Tensor, tokens: torch.Tensor, texts: list[str]) -> float:
+    image_features = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(tokens, normalize=True)
+    loss = contrastive_loss(image_features, text_features, model.logit_scale, texts)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return loss.item()
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    decay, plain = [], []
+    for pname, param in model.named_parameters():
+        no_decay = param.ndim < 2 or "ln" in pname or "bias" in pname or "logit_scale" in pname
+        (plain if no_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=1e-6)
+
+
+def lr_at(recipe: Recipe, step: int) -> float:
+    """Linear warm-up to `lr`, then cosine down to `lr * final_lr_fraction` at the last step."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(recipe.steps - recipe.warmup - 1, 1)
+    floor = recipe.lr * recipe.final_lr_fraction
+    return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, recipe: Recipe, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(recipe, step)
+
+
+def _normalisation(model) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = model.visual.preprocess_cfg
+    return torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+
+def _to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W], as the eval preprocessing does at native size."""
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+@contextmanager
+def _deterministic() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# --------------------------------------------------------------------------------------------------- artefacts
+def _build_into(tmp: Path, name: str, recipe: Recipe, store: ArtifactStore, progress: bool) -> dict:
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    state, stats = train_clip(name, recipe, progress)
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    loaded = load_clip(ModelSpec(name, pretrained=str(tmp / WEIGHTS_FILE)))  # the saved file, loaded strictly
+    zeroshot = {ds: _rounded(zeroshot_base_novel(loaded, ds, store)) for ds in recipe.eval_datasets}
+    info = {
+        "name": name, "architecture": architecture_config(name), "recipe": asdict(recipe),
+        "generator_version": GENERATOR_VERSION, "pretrain_version": PRETRAIN_VERSION,
+        "torch": torch.__version__, **stats, "build_seconds": round(time.perf_counter() - start, 2),
+        "zeroshot": zeroshot,
+    }
+    atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=1, sort_keys=True))
+    return {"name": name, "recipe": asdict(recipe)}
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: round(v, 2) for k, v in metrics.items()}
+
+
+def _discard(store: ArtifactStore, key: str) -> None:
+    """Move a cached build aside and delete it (for force=True)."""
+    folder = store.folder(KIND, key)
+    if folder.exists():
+        target = folder.with_name(f".{key}.discarded.{time.time_ns()}")
+        folder.rename(target)
+        shutil.rmtree(target, ignore_errors=True)

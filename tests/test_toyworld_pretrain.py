@@ -1,0 +1,114 @@
+"""ToyWorld teacher/student pretraining: determinism, the content-addressed cache, corruption, strict loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caspl.artifacts import ArtifactStore, sha256_file
+from caspl.errors import ConfigError
+from caspl.models import ModelSpec, load_clip
+from caspl.train import toyworld_pretrain as tp
+
+TINY = tp.Recipe(domains=("clean", "noisy"), steps=3, batch_size=16, warmup=1, eval_datasets=())
+TINY_RECIPES = {tp.TEACHER: tp.Recipe(domains=tp.RECIPES[tp.TEACHER].domains, steps=2, batch_size=16, warmup=1,
+                                      seed=1, eval_datasets=()),
+                tp.STUDENT: TINY}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_student_is_weaker_and_deep_enough():
+    teacher, student = (tp.architecture_config(n) for n in (tp.TEACHER, tp.STUDENT))
+    assert student["vision_cfg"]["layers"] >= 4 and student["text_cfg"]["layers"] >= 4
+    assert student["vision_cfg"]["patch_size"] > teacher["vision_cfg"]["patch_size"]  # fewer tokens: weaker
+    assert tp.RECIPES[tp.STUDENT].steps < tp.RECIPES[tp.TEACHER].steps
+    assert all(cfg["vision_cfg"]["image_size"] == 32 and cfg["text_cfg"]["context_length"] <= 32
+               for cfg in (teacher, student))
+    assert set(tp.RECIPES[tp.STUDENT].domains) < set(tp.RECIPES[tp.TEACHER].domains)
+
+
+def test_training_is_deterministic_and_seeded():
+    first, stats = tp.train_clip(tp.STUDENT, TINY)
+    second, _ = tp.train_clip(tp.STUDENT, TINY)
+    other_seed, _ = tp.train_clip(tp.STUDENT, tp.Recipe(**{**TINY.__dict__, "seed": 7}))
+    assert _equal(first, second)
+    assert not _equal(first, other_seed)
+    assert math.isfinite(stats["final_loss"])
+
+
+def test_cache_round_trip_builds_once(tmp_path):
+    store = ArtifactStore(tmp_path)
+    built = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)
+    again = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)
+    assert all(r["built"] for r in built.values()) and not any(r["built"] for r in again.values())
+    for name in TINY_RECIPES:
+        assert again[name]["weights"] == built[name]["weights"]
+        assert again[name]["info"]["recipe"]["steps"] == TINY_RECIPES[name].steps
+    assert built[tp.TEACHER]["key"] != built[tp.STUDENT]["key"]
+    forced = tp.build_model(tp.STUDENT, TINY, store, force=True, progress=False)
+    assert forced["built"] and _equal(load_file(forced["weights"]), load_file(built[tp.STUDENT]["weights"]))
+
+
+def test_corrupted_weights_are_detected_and_rebuilt(tmp_path):
+    store = ArtifactStore(tmp_path)
+    first = tp.build_model(tp.STUDENT, TINY, store, progress=False)
+    digest = sha256_file(first["weights"])
+    data = bytearray(first["weights"].read_bytes())
+    data[-8:] = bytes(8)  # zero the tail of the last tensor: the file still parses, only the checksum knows
+    first["weights"].write_bytes(bytes(data))
+    rebuilt = tp.build_model(tp.STUDENT, TINY, store, progress=False)
+    assert rebuilt["built"]
+    assert sha256_file(rebuilt["weights"]) == digest
+
+
+def test_load_clip_toyworld_is_strict_and_cached(monkeypatch):
+    monkeypatch.setitem(tp.RECIPES, tp.STUDENT, TINY)
+    loaded = load_clip(ModelSpec(tp.STUDENT, pretrained="toyworld"))
+    expected = tp.build_model(tp.STUDENT, progress=False)
+    assert not expected["built"]  # load_clip built it into the default (test) store
+    assert loaded.checkpoint == str(expected["weights"])
+    state = load_file(expected["weights"])
+    assert _equal({k: v for k, v in loaded.model.state_dict().items() if k in state}, state)
+    with pytest.raises(ConfigError, match="toyworld"):
+        load_clip(ModelSpec("caspl-tiny", pretrained="toyworld"))
+
+
+EVAL_RECIPES = {name: tp.Recipe(**{**recipe.__dict__, "eval_datasets": ("toy_sketch",)})
+                for name, recipe in TINY_RECIPES.items()}
+
+
+def test_zeroshot_metrics_stored_with_the_model():
+    store = ArtifactStore()  # the session's test store: the CLI test below reuses the dataset and this build
+    result = tp.build_model(tp.STUDENT, EVAL_RECIPES[tp.STUDENT], store, progress=False)
+    metrics = result["info"]["zeroshot"]["toy_sketch"]
+    assert 0 <= metrics["base"] <= 100 and 0 <= metrics["novel"] <= 100
+    assert metrics["hm"] == pytest.approx(tp.harmonic_mean(metrics["base"], metrics["novel"]), abs=0.01)
+    loaded = load_clip(ModelSpec(tp.STUDENT, pretrained=str(result["weights"])))
+    assert tp.zeroshot_base_novel(loaded, "toy_sketch", store) == pytest.approx(metrics, abs=0.01)
+    table = tp.format_zeroshot_table({tp.STUDENT: result})
+    assert "toy_sketch" in table and f"{metrics['hm']:.2f}" in table
+
+
+def test_cli_toyworld_build_prints_table(monkeypatch, capsys):
+    from caspl.cli import main
+
+    for name, recipe in EVAL_RECIPES.items():
+        monkeypatch.setitem(tp.RECIPES, name, recipe)
+    assert main(["toyworld", "build"]) == 0
+    out = capsys.readouterr().out
+    student_hm = tp.build_model(tp.STUDENT, progress=False)["info"]["zeroshot"]["toy_sketch"]["hm"]
+    assert "toy_sketch" in out and tp.TEACHER in out and f"{student_hm:.2f}" in out
+
+
+def test_lr_schedule_warms_up_then_decays():
+    recipe = tp.Recipe(domains=("clean",), steps=100, lr=1e-3, warmup=10, final_lr_fraction=0.1)
+    assert tp.lr_at(recipe, 0) == pytest.approx(1e-4)
+    assert tp.lr_at(recipe, 9) == pytest.approx(1e-3)
+    assert tp.lr_at(recipe, 99) == pytest.approx(1e-4)
+    assert tp.lr_at(recipe, 50) < tp.lr_at(recipe, 20)
