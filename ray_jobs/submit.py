@@ -11,10 +11,10 @@ mlflow.env and pass --storage s3://…) and passes them through the runtime env.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -38,6 +38,38 @@ def runtime_env(storage: str) -> dict:
     return env
 
 
+def submit(address: str, entrypoint: str, env: dict, attempts: int = 30) -> str:
+    """Submit, retrying while a freshly started head has no job agent yet."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+def follow(address: str, job_id: str) -> int:
+    """Print the job's logs as they grow; 0 when it succeeded."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        print(logs[shown:], end="", flush=True)
+        shown = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            print(f"\nJob {job_id} {status.value.lower()}", flush=True)
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
@@ -46,14 +78,11 @@ def main() -> int:
     parser.add_argument("study_args", nargs=argparse.REMAINDER, help="arguments for studies/boost_sweep.py after --")
     args = parser.parse_args()
     study_args = [a for a in args.study_args if a != "--"]
-    beside = Path(sys.executable).parent / "ray"  # the ray CLI of this interpreter's environment
-    command = [str(beside) if beside.exists() else "ray", "job", "submit", "--address", args.address,
-               "--runtime-env-json", json.dumps(runtime_env(args.storage))]
-    if args.no_wait:
-        command.append("--no-wait")
-    command += ["--", "python", "studies/boost_sweep.py", "--storage", args.storage, *study_args]
-    print("+", " ".join(command[:6]), "…", " ".join(command[7:]), flush=True)
-    return subprocess.call(command)
+    entrypoint = " ".join(shlex.quote(a) for a in
+                          ["python", "studies/boost_sweep.py", "--storage", args.storage, *study_args])
+    job_id = submit(args.address, entrypoint, runtime_env(args.storage))
+    print(f"submitted {job_id} to {args.address}: {entrypoint}", flush=True)
+    return 0 if args.no_wait else follow(args.address, job_id)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ def summarise(prepared, results, parent_run_id: str, seconds: float, log: Callab
     summary = {"study": prepared.study.name, "trials": len(rows), "finished": sum(r["done"] for r in rows),
                "errored": sum(r["error"] is not None for r in rows), "configs": len(entries),
                "wall_seconds": round(seconds, 1), "experiment_dir": prepared.experiment_dir,
+               "teacher_cache_seconds": round(prepared.teacher_cache_seconds, 1),
+               "max_concurrent": prepared.study.search.max_concurrent,
+               "trial_compute_seconds": round(sum(float(r["metrics"].get("compute_seconds", 0)) for r in rows), 1),
                "tracking_uri": prepared.tracking.tracking_uri, "parent_run_id": parent_run_id}
     if entries:
         summary["best"] = entries[0]

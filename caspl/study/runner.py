@@ -29,6 +29,7 @@ class PreparedStudy:
     storage: str
     experiment_dir: str
     store: ArtifactStore
+    teacher_cache_seconds: float = 0.0
 
 
 def prepare_study(study: StudyConfig, repo_root: Path) -> PreparedStudy:
@@ -94,6 +95,7 @@ def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: 
         raise ConfigError(f"{prepared.experiment_dir} holds a study with another config; use --fresh or another name")
     started = time.time()
     _warm_shared_artifacts(prepared, log)
+    prepared.teacher_cache_seconds = time.time() - started
     parent = start_parent_run(prepared.tracking, study.name, _study_tags(study), state.get("parent_run_id"))
     _write_state(state_path, {"parent_run_id": parent, "config_hash": config_hash(study), "version": __version__})
     context = {"tracking": {"tracking_uri": prepared.tracking.tracking_uri,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
         tune.report(state["final"])
         return
 
+    began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
     boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
     if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
         for epoch in boost.history:
@@ -74,6 +76,7 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
 
     result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
     final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
+             "compute_seconds": time.perf_counter() - began,
              **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
     if client(tracking).get_run(run_id).info.status != "FINISHED":
         _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)

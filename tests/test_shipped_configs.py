@@ -1,0 +1,70 @@
+"""Every config shipped in the repository is validated (strictly: an unknown key is an error)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from caspl.config import from_dict, load_yaml
+from caspl.models import architecture_config, list_architectures
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "studies" / "configs"
+
+
+def _files(sub: str) -> list[Path]:
+    return sorted((CONFIGS / sub).glob("*.yaml"))
+
+
+def test_every_shipped_yaml_is_covered_by_a_check():
+    shipped = sorted(CONFIGS.rglob("*.yaml"))
+    covered = _files("boost") + _files("adapt") + _files("study")
+    assert shipped and sorted(covered) == shipped
+
+
+@pytest.mark.parametrize("path", _files("boost"), ids=lambda p: p.name)
+def test_boost_configs(path):
+    from caspl.train.boost import BoostRunConfig
+
+    cfg = from_dict(BoostRunConfig, load_yaml(path))
+    architecture_config(cfg.student.name)
+    architecture_config(cfg.teacher.name)
+
+
+@pytest.mark.parametrize("path", _files("adapt"), ids=lambda p: p.name)
+def test_adapt_configs(path):
+    from caspl.methods import config_from_dict
+    from caspl.train.adapt import AdaptRunConfig
+
+    cfg = from_dict(AdaptRunConfig, load_yaml(path))
+    config_from_dict(cfg.method)
+    architecture_config(cfg.student.name)
+
+
+@pytest.mark.parametrize("path", _files("study"), ids=lambda p: p.name)
+def test_study_configs(path):
+    from caspl.study.config import load_study_config
+    from caspl.study.runner import _check_run_configs, _student_layers
+    from caspl.study.space import build_space
+
+    study = load_study_config(load_yaml(path))
+    space = build_space(study, _student_layers(architecture_config(study.student.name)))
+    _check_run_configs(study, space)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ray_jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_ray_job_files_parse(path):
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    if path.name == "runtime_env.yaml":
+        assert data["working_dir"] == "." and ".venv/" in data["excludes"]
+    if path.name == "kuberay.yaml":
+        assert data["kind"] == "RayJob" and "studies/boost_sweep.py" in data["spec"]["entrypoint"]
+    if path.name == "cluster.yaml":
+        assert data["head_node_type"] in data["available_node_types"]
+
+
+@pytest.mark.parametrize("name", list_architectures(caspl_only=True))
+def test_model_configs_build(name):
+    cfg = architecture_config(name)
+    assert {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg)
