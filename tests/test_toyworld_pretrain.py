@@ -112,3 +112,22 @@ def test_lr_schedule_warms_up_then_decays():
     assert tp.lr_at(recipe, 9) == pytest.approx(1e-3)
     assert tp.lr_at(recipe, 99) == pytest.approx(1e-4)
     assert tp.lr_at(recipe, 50) < tp.lr_at(recipe, 20)
+
+
+def test_contrastive_loss_counts_identical_captions_as_positives():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    images, texts = (F.normalize(torch.randn(3, 8), dim=-1) for _ in range(2))
+    logits = 10.0 * images @ texts.T
+    scale = torch.tensor(math.log(10.0))
+    labels = torch.arange(3)
+    clip_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    assert tp.contrastive_loss(images, texts, scale, ["a", "b", "c"]).item() == pytest.approx(clip_loss.item())
+
+    def soft_ce(log_probs: torch.Tensor) -> torch.Tensor:  # captions 0 and 1 are the same: half the target on each
+        per_row = [(log_probs[0, 0] + log_probs[0, 1]) / 2, (log_probs[1, 0] + log_probs[1, 1]) / 2, log_probs[2, 2]]
+        return -torch.stack(per_row).mean()
+
+    expected = (soft_ce(logits.log_softmax(1)) + soft_ce(logits.T.log_softmax(1))) / 2
+    assert tp.contrastive_loss(images, texts, scale, ["a", "a", "c"]).item() == pytest.approx(expected.item())
