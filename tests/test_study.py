@@ -164,8 +164,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_study_on_a_running_head(tmp_path):
-    path = _write(tmp_path, tiny_study(tmp_path, **{"search.num_samples": 2, "name": "submitted"}))
+def test_ray_job_submit_runs_the_smoke_study_on_a_running_head(tmp_path):
     env = _env(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dashboard = _free_port(), _free_port()
@@ -181,11 +180,42 @@ def test_ray_job_submit_runs_the_study_on_a_running_head(tmp_path):
     try:
         submit = subprocess.run(
             [sys.executable, str(REPO / "ray_jobs" / "submit.py"), "--address", f"http://127.0.0.1:{dashboard}",
-             "--storage", str(tmp_path / "runs"), "--", "--config", str(path)],
+             "--storage", str(tmp_path / "runs"), "--", "--smoke-test", "--name", "submitted"],
             capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in (submit.stdout + submit.stderr).lower()
     finally:
         _stop_head(temp_dir)
-    runs = _runs(tmp_path / "mlflow.db", "tiny")
-    assert len(_children(runs)) == 2 and all("val_hm" in r.data.metrics for r in _children(runs))
+    runs = _runs(tmp_path / "mlflow.db", "caspl")  # mlflow.env's experiment, the tracking URI from the environment
+    assert [r.data.tags["caspl.study"] for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["submitted"]
+    assert len(_children(runs)) == 2 and all("test_hm" in r.data.metrics for r in _children(runs))
+
+
+@pytest.mark.slow
+def test_smoke_test_of_the_embedded_default_logs_one_parent_and_its_trials(tmp_path):
+    """`boost_sweep.py --smoke-test` on the shipped default (ToyWorld models, built on first use), MLflow via env."""
+    done = subprocess.run([sys.executable, str(SWEEP), "--smoke-test", "--storage", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = _runs(tmp_path / "mlflow.db", "caspl")  # the experiment named in mlflow.env
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["caspl.study"] == "toy_default-smoke"
+    assert parents[0].info.status == "FINISHED" and "best_test_hm" in parents[0].data.metrics
+    children = _children(runs)
+    assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"val_hm", "test_hm", "adapt/val_hm"} <= set(child.data.metrics)
+    assert "best on validation HM" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
+
+
+def test_runs_of_trials_that_tune_never_recorded_are_deleted(tmp_path):
+    from caspl.study.tracking import TrackingSettings, delete_orphan_trial_runs, start_parent_run, trial_run
+
+    settings = TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="orphans")
+    parent = start_parent_run(settings, "orphans", {}, None)
+    runs = {tid: trial_run(settings, parent, tid, f"trial {tid}", {}) for tid in ("a", "b", "lost")}
+    assert delete_orphan_trial_runs(settings, parent, {"a", "b"}) == [runs["lost"]]
+    left = _runs(tmp_path / "mlflow.db", "orphans")
+    assert sorted(r.data.tags["caspl.trial_id"] for r in _children(left)) == ["a", "b"]
+    assert delete_orphan_trial_runs(settings, parent, {"a", "b"}) == []

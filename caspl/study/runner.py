@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from caspl import __version__
@@ -15,7 +15,8 @@ from caspl.config import config_hash, from_dict, to_dict
 from caspl.errors import ConfigError
 from caspl.study.config import StudyConfig
 from caspl.study.space import SearchSpace, build_space, trial_configs
-from caspl.study.tracking import TrackingSettings, check_tracking, start_parent_run, tracking_settings
+from caspl.study.tracking import (TrackingSettings, check_tracking, delete_orphan_trial_runs, start_parent_run,
+                                  tracking_settings)
 
 OBJECTIVE = "val_hm"
 STATE_FILE = "caspl_study.json"
@@ -110,6 +111,9 @@ def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: 
     else:
         tuner = _new_tuner(prepared, trainable)
     results = tuner.fit()
+    orphans = delete_orphan_trial_runs(prepared.tracking, parent, {PurePosixPath(r.path).name for r in results})
+    if orphans:
+        log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")
     return summarise(prepared, results, parent, time.time() - started, log)
 
 
@@ -139,6 +143,7 @@ def _new_tuner(prepared: PreparedStudy, trainable):
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=search.num_samples * len(search.seeds),
+                                    reuse_actors=True,  # a new trial skips the worker start and its imports
                                     trial_name_creator=lambda t: f"{study.name}_{t.trial_id}",
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=study.name, storage_path=prepared.storage, progress_reporter=reporter,

@@ -139,6 +139,22 @@ def trial_run(settings: TrackingSettings, parent_run_id: str, trial_id: str, run
     return run.info.run_id
 
 
+def delete_orphan_trial_runs(settings: TrackingSettings, parent_run_id: str, trial_ids: set[str]) -> list[str]:
+    """Delete the child runs of trials that Tune never recorded; returns their run ids.
+
+    A study killed after a trial created its run but before Tune's next experiment-state save forgets that trial;
+    on resume the searcher suggests again under a new trial id, so the old run would be a duplicate. (MLflow deletes
+    softly: `mlflow gc` purges, the UI's "deleted" filter still shows them.)
+    """
+    mlflow_client = client(settings)
+    children = mlflow_client.search_runs([experiment_id(settings)],
+                                         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    orphans = [run.info.run_id for run in children if run.data.tags.get(TRIAL_TAG) not in trial_ids]
+    for run_id in orphans:
+        mlflow_client.delete_run(run_id)
+    return orphans
+
+
 def log_metrics(settings: TrackingSettings, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     from mlflow.entities import Metric
     import time
