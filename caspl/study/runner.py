@@ -153,9 +153,11 @@ def _new_tuner(prepared: PreparedStudy, trainable):
 
 def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     """Build the teacher cache once, before trials start (Ray Data actors); trials then only read it."""
+    from caspl.models import load_clip
     from caspl.train.boost import BoostRunConfig, prepare_boost
 
     study = prepared.study
+    load_clip(study.student.spec(study.runtime))  # weights built on first use (ToyWorld) are built here, not in a trial
     params = {"method": study.methods[0]}
     _, boost, _ = trial_configs(study, params, study.search.seeds[0])
     if any(name.startswith("boost.cache.") for name in prepared.space.params):
