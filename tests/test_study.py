@@ -205,7 +205,7 @@ def test_smoke_test_of_the_embedded_default_logs_one_parent_and_its_trials(tmp_p
     assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     for child in children:
         assert child.info.status == "FINISHED"
-        assert {"val_hm", "test_hm", "adapt/val_hm"} <= set(child.data.metrics)
+        assert {"val_hm", "test_hm", "adapt/loss", "adapt/val_acc", "boost/kd_loss"} <= set(child.data.metrics)
     assert "best on validation HM" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
 
 

@@ -75,6 +75,9 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
                               "trial_id": trial_id})
 
     result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
+    if "adapt/loss" not in client(tracking).get_run(run_id).data.metrics:  # a reused run trained no epoch here
+        for epoch in result["history"]:
+            log_metrics(tracking, run_id, {f"adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
     final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
              "compute_seconds": time.perf_counter() - began,
              **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
