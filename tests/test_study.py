@@ -219,3 +219,18 @@ def test_runs_of_trials_that_tune_never_recorded_are_deleted(tmp_path):
     left = _runs(tmp_path / "mlflow.db", "orphans")
     assert sorted(r.data.tags["caspl.trial_id"] for r in _children(left)) == ["a", "b"]
     assert delete_orphan_trial_runs(settings, parent, {"a", "b"}) == []
+
+
+@pytest.mark.slow
+def test_study_on_uri_storage_resumes_into_the_same_parent_run(tmp_path):
+    """Storage given as a URI (as for a cloud bucket) keeps the study state there: a rerun resumes, no new parent."""
+    path = _write(tmp_path, tiny_study(tmp_path, **{"search.num_samples": 2, "storage": f"file://{tmp_path}/uri"}))
+    command = [sys.executable, str(SWEEP), "--config", str(path)]
+    for attempt in ("first", "again"):
+        done = subprocess.run(command, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    assert (tmp_path / "uri" / "tiny" / "caspl_study.json").exists()
+    runs = _runs(tmp_path / "mlflow.db")
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert len(_children(runs)) == 2

@@ -86,19 +86,18 @@ def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: 
 
     prepared = prepare_study(study, repo_root)
     ensure_ray(num_cpus=study.resources.ray_num_cpus)
-    state_path = Path(prepared.experiment_dir) / STATE_FILE if "://" not in prepared.experiment_dir else None
-    if fresh and state_path is not None and state_path.parent.exists():
-        log(f"[study] --fresh: removing {state_path.parent}")
-        shutil.rmtree(state_path.parent)
+    if fresh and _remove_experiment(prepared.experiment_dir):
+        log(f"[study] --fresh: removed {prepared.experiment_dir}")
     resumable = tune.Tuner.can_restore(prepared.experiment_dir) if not fresh else False
-    state = _read_state(state_path) if resumable else {}
+    state = _read_state(prepared.experiment_dir) if resumable else {}
     if resumable and state.get("config_hash") not in (None, config_hash(study)):
         raise ConfigError(f"{prepared.experiment_dir} holds a study with another config; use --fresh or another name")
     started = time.time()
     _warm_shared_artifacts(prepared, log)
     prepared.teacher_cache_seconds = time.time() - started
     parent = start_parent_run(prepared.tracking, study.name, _study_tags(study), state.get("parent_run_id"))
-    _write_state(state_path, {"parent_run_id": parent, "config_hash": config_hash(study), "version": __version__})
+    _write_state(prepared.experiment_dir,
+                 {"parent_run_id": parent, "config_hash": config_hash(study), "version": __version__})
     context = {"tracking": {"tracking_uri": prepared.tracking.tracking_uri,
                             "experiment": prepared.tracking.experiment},
                "parent_run_id": parent, "store": str(prepared.store.root)}
@@ -173,13 +172,45 @@ def _study_tags(study: StudyConfig) -> dict:
             "student": study.student.name, "teacher": study.teacher.name}
 
 
-def _read_state(path: Path | None) -> dict:
-    if path is None or not path.exists():
+def _read_state(experiment_dir: str) -> dict:
+    """The study's own state next to Tune's (the parent run id), from a local path or any URI Tune accepts."""
+    if "://" not in experiment_dir:
+        path = Path(experiment_dir) / STATE_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+    fs, root = _filesystem(experiment_dir)
+    path = f"{root}/{STATE_FILE}"
+    if fs.get_file_info(path).type.name == "NotFound":
         return {}
-    return json.loads(path.read_text())
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
 
 
-def _write_state(path: Path | None, state: dict) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(state, indent=1))
+def _write_state(experiment_dir: str, state: dict) -> None:
+    if "://" not in experiment_dir:
+        Path(experiment_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(experiment_dir) / STATE_FILE, json.dumps(state, indent=1))
+        return
+    fs, root = _filesystem(experiment_dir)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{STATE_FILE}") as stream:  # object stores replace an object atomically
+        stream.write(json.dumps(state, indent=1).encode())
+
+
+def _remove_experiment(experiment_dir: str) -> bool:
+    """Delete a study's Tune folder (for --fresh); False when there is none."""
+    if "://" not in experiment_dir:
+        if not Path(experiment_dir).exists():
+            return False
+        shutil.rmtree(experiment_dir)
+        return True
+    fs, root = _filesystem(experiment_dir)
+    if fs.get_file_info(root).type.name == "NotFound":
+        return False
+    fs.delete_dir(root)
+    return True
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
