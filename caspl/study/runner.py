@@ -156,7 +156,8 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     from caspl.train.boost import BoostRunConfig, prepare_boost
 
     study = prepared.study
-    load_clip(study.student.spec(study.runtime))  # weights built on first use (ToyWorld) are built here, not in a trial
+    for model in (study.student, study.teacher):  # weights built on first use (ToyWorld): here, not in a trial
+        load_clip(model.spec(study.runtime))
     params = {"method": study.methods[0]}
     _, boost, _ = trial_configs(study, params, study.search.seeds[0])
     if any(name.startswith("boost.cache.") for name in prepared.space.params):

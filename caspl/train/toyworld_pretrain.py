@@ -5,8 +5,8 @@ by CLIP's symmetric InfoNCE (learnable logit scale; identical captions in a batc
 on `pretraining_stream` image-caption batches. The teacher looks at 4-pixel patches (64 tokens), sees every
 ToyWorld domain and trains ~4x longer; the student looks at 8-pixel patches (16 tokens), sees only the clean,
 noisy and sketch domains and trains briefly. So the teacher knows domains (dark, textured) the student never saw
-and sees shapes and sketches far better: the gap CasPL's boosting prompts distil. Both towers of both models have 4 layers (the range a
-prompt-depth search needs); the 49408-token embedding dominates the parameter count.
+and sees shapes and sketches far better: the gap CasPL's boosting prompts distil. Both towers of both models have
+4 layers (the range a prompt-depth search needs); the 49408-token embedding dominates the parameter count.
 
 A model lives in the ArtifactStore under kind "toyworld_models", keyed by the hash of its architecture config,
 its recipe, the ToyWorld generator version and this module's PRETRAIN_VERSION:
