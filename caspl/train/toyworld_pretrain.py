@@ -39,7 +39,6 @@ from caspl.data.toyworld.render import GENERATOR_VERSION
 from caspl.data.toyworld.stream import pretraining_stream
 from caspl.errors import ConfigError
 from caspl.models.loading import LoadedCLIP, ModelSpec, architecture_config, load_clip
-from caspl.train.metrics import harmonic_mean
 
 KIND = "toyworld_models"
 PRETRAIN_VERSION = 1  # bump on any change to the training code that alters the weights (it is part of the key)
@@ -139,31 +138,14 @@ def build_toyworld_models(
 
 def zeroshot_base_novel(loaded: LoadedCLIP, dataset_name: str, store: ArtifactStore | None = None) -> dict:
     """Zero-shot top-1 accuracy (%) on the test split, base and novel classes separately, and their HM."""
-    from caspl.data import build_dataset, subsample_classes
+    from caspl.data import build_dataset
+    from caspl.data.views import model_view_spec
+    from caspl.methods import build_prompted_clip
+    from caspl.train.evaluate import base_novel_accuracy
 
     dataset = build_dataset(dataset_name, store or ArtifactStore())
-    base = subset_accuracy(loaded, subsample_classes(dataset, "base"))
-    novel = subset_accuracy(loaded, subsample_classes(dataset, "novel"))
-    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
-
-
-@torch.no_grad()
-def subset_accuracy(loaded: LoadedCLIP, dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy (%) on `dataset.test` against its classes, prompted with the dataset's own template."""
-    from caspl.data import load_image
-
-    model = loaded.model
-    param = next(model.parameters())
-    tokens = loaded.tokenizer(dataset.prompts()).to(param.device)
-    text = F.normalize(model.encode_text(tokens).float(), dim=-1)
-    correct = 0
-    for start in range(0, len(dataset.test), batch_size):
-        items = dataset.test[start:start + batch_size]
-        images = torch.stack([loaded.preprocess(load_image(it.path)) for it in items])
-        features = F.normalize(model.encode_image(images.to(param.device, param.dtype)).float(), dim=-1)
-        labels = torch.tensor([it.label for it in items], device=param.device)
-        correct += int(((features @ text.T).argmax(dim=1) == labels).sum())
-    return 100.0 * correct / max(len(dataset.test), 1)
+    model = build_prompted_clip(loaded.model, loaded.tokenizer, {"method": "zeroshot"})
+    return base_novel_accuracy(model, dataset, model_view_spec(model.clip), "test")
 
 
 def format_zeroshot_table(results: Mapping[str, dict]) -> str:
