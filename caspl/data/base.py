@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from caspl.artifacts import ArtifactStore, atomic_write_text, content_key
-from caspl.errors import DataError
+from caspl.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 FEWSHOT_KIND = "fewshot"
@@ -138,20 +138,25 @@ def _canonical(items: Iterable[Item]) -> list[Item]:
     return sorted(items, key=lambda it: (it.path, it.label))
 
 
-def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | None = None) -> Dataset:
-    """`dataset` with a k-shot train and a min(k, 4)-shot val; test untouched.
+def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | None = None,
+                   val_k: int | None = None) -> Dataset:
+    """`dataset` with a k-shot train and a val_k-shot val (default min(k, 4), the paper's rule); test untouched.
 
     The selection is a function of the (sorted) item lists, k and seed only; with a store it is cached under
     kind "fewshot", outside the dataset folder, built once even by concurrent processes.
     """
     train, val = _canonical(dataset.train), _canonical(dataset.val)
-    val_k = min(k, 4)
+    default_val_k = min(k, 4)
+    val_k = default_val_k if val_k is None else int(val_k)
+    if val_k < 1:
+        raise ConfigError(f"validation shots must be >= 1 (got {val_k}); leave them unset for min(K, 4)")
     if store is None:
         picked = {"train": few_shot(train, k, seed), "val": few_shot(val, val_k, seed)}
         return replace(dataset, train=picked["train"], val=picked["val"], templates=list(dataset.templates))
 
     pairs = {s: [[it.path, it.label] for it in items] for s, items in (("train", train), ("val", val))}
-    key = content_key("fewshot", FEWSHOT_VERSION, dataset.name, pairs, int(k), int(seed))
+    custom_val = [val_k] if val_k != default_val_k else []  # default splits keep their existing keys
+    key = content_key("fewshot", FEWSHOT_VERSION, dataset.name, pairs, int(k), int(seed), *custom_val)
 
     def build(folder: Path) -> dict:
         selection = {

@@ -75,6 +75,7 @@ class AdaptRunConfig:
     method: dict  # {"method": "coop", "n_ctx": 8, ...}; validated by the method registry
     boost: BoostSource | str | None = None  # a boosting section, a saved boosting prompt folder, or none
     shots: int = 16
+    val_shots: int | None = None  # validation images per class; None: the paper's min(shots, 4)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     subsample: str = "base"  # training classes: base (base-to-novel) or all (few-shot, cross-dataset)
     augment: str = "crop"
@@ -91,6 +92,8 @@ class AdaptRunConfig:
         _check_choice("select", self.select, SELECTIONS)
         if self.shots < 1 or not self.seeds:
             raise ConfigError(f"adapting needs shots >= 1 and at least one seed (got {self.shots}, {self.seeds})")
+        if self.val_shots is not None and self.val_shots < 1:
+            raise ConfigError(f"val_shots {self.val_shots} must be >= 1 (or unset for min(shots, 4))")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")
 
@@ -175,8 +178,8 @@ def load_dataset(data: DataConfig) -> Dataset:
 
 
 def training_split(dataset: Dataset, cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None) -> Dataset:
-    """K-shot train and min(K, 4)-shot val of the training classes (relabelled from 0); test untouched."""
-    return few_shot_split(subsample_classes(dataset, cfg.subsample), cfg.shots, seed, store)
+    """K-shot train and val_shots-shot (default min(K, 4)) val of the training classes (relabelled from 0)."""
+    return few_shot_split(subsample_classes(dataset, cfg.subsample), cfg.shots, seed, store, cfg.val_shots)
 
 
 class TrainingImages:
@@ -250,7 +253,8 @@ def run_key(cfg: AdaptRunConfig, seed: int, student: LoadedCLIP, boost_prompts: 
     boost_id = json.loads((boost_prompts / "MANIFEST.json").read_text())["files"] if boost_prompts else None
     return content_key(RUN_KIND, model_identity(student.spec), to_dict(cfg.data),
                        config_from_dict(cfg.method).to_dict(), boost_id, cfg.shots, seed, cfg.subsample, cfg.augment,
-                       list(cfg.crop_scale), cfg.select, to_dict(cfg.optim), cfg.runtime.precision)
+                       list(cfg.crop_scale), cfg.select, to_dict(cfg.optim), cfg.runtime.precision,
+                       *([cfg.val_shots] if cfg.val_shots is not None else []))  # unset: keys stay as they were
 
 
 def run_adapt(cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None = None, *,
