@@ -12,7 +12,8 @@ from caspl.artifacts import ArtifactStore
 from caspl.data import build_dataset, few_shot_split, load_image, subsample_classes
 from caspl.data.coop import load_coop_dataset
 from caspl.data.toyworld import (
-    DOMAINS, SHAPES, TOY_DATASETS, captions, pretraining_stream, render, sample_attributes, toyworld_folder,
+    COLOR_NAMES, DOMAINS, SHAPES, TEXTURES, TOY_DATASETS, captions, pretraining_stream, render, sample_attributes,
+    toyworld_folder,
 )
 from caspl.data.toyworld.render import take_attributes
 from caspl.errors import ConfigError
@@ -52,7 +53,9 @@ def test_every_shape_draws_differently():
 
 def test_domains_look_different():
     means = {d: draw(1, 200, domains=[d]).mean() for d in DOMAINS}
-    assert means["dark"] < 60 < means["clean"] < means["sketch"]
+    assert means["dark"] < 60 < means["clean"] < means["sketch"] and means["clean"] + 60 < means["faded"]
+    faded = draw(6, 50, domains=["faded"]).astype(int)
+    assert (faded.max(-1) - faded.min(-1)).mean() < 40  # washed out: little colour left
     noisy, clean = draw(2, 100, domains=["noisy"]), draw(2, 100, domains=["clean"])
 
     def roughness(images):
@@ -74,16 +77,37 @@ def test_sample_attributes_rejects_unknown_values():
 
 def test_captions_describe_the_image():
     rng = np.random.default_rng(0)
-    attrs = sample_attributes(rng, 300)
+    attrs = sample_attributes(rng, 600)
     texts = captions(attrs, rng)
-    assert len(texts) == 300 and len(set(texts)) > 100
+    assert len(texts) == 600 and len(set(texts)) > 300
+    named = {d: [] for d in DOMAINS}
     for i, text in enumerate(texts):
         domain, shape = DOMAINS[attrs["domain"][i]], SHAPES[attrs["shape"][i]]
-        assert shape in text or "texture" in text, text
-        if domain == "sketch":
-            assert any(w in text for w in ("sketch", "drawing", "outline")), text
+        colour, texture = COLOR_NAMES[attrs["color"][i]], TEXTURES[attrs["texture"][i]]
+        assert shape in text or "shape" in text or "object" in text or text.endswith("texture."), text
+        for word in (*COLOR_NAMES, *TEXTURES):  # attribute words are true of the image
+            assert f" {word} " not in f" {text[:-1]} ".replace(",", " ") or word in (colour, texture), text
+        if domain == "sketch":  # a pencil outline shows neither colour nor texture
+            assert not any(f" {w} " in f" {text[:-1]} ".replace(",", " ") for w in (*COLOR_NAMES, *TEXTURES)), text
+        named[domain].append(any(w in text for w in DOMAIN_WORDS[domain]))
         assert " a orange" not in text and " a ink" not in text
+    assert all(0.4 < np.mean(hits) < 0.9 for hits in named.values())  # often, not always, naming the domain
+    openers = {" ".join(t.split()[:3]) for t in texts}
+    assert len(openers) > 60  # varied words before the noun: what lets context tokens steer the features
+    colour_first = {text.index(c) < text.index(x) for text, c, x in
+                    ((t, COLOR_NAMES[attrs["color"][i]], TEXTURES[attrs["texture"][i]]) for i, t in enumerate(texts))
+                    if f"{c} " in text and f"{x} " in text}
+    assert colour_first == {True, False}  # attributes come in varying order
     assert captions(attrs, np.random.default_rng(9)) == captions(attrs, np.random.default_rng(9))
+
+
+DOMAIN_WORDS = {"clean": ("clean", "sharp", "bright", "clear", "plain", "grey"),
+                "noisy": ("noisy", "grainy", "grain", "noise", "low quality"),
+                "sketch": ("sketch", "drawing", "outline", "pencil", "paper"),
+                "dark": ("dark", "dim", "low light"),
+                "textured": ("pattern", "textured", "busy", "cluttered"),
+                "faded": ("faded", "washed out", "overexposed", "pale", "harsh light"),
+                "underwater": ("underwater", "under water", "diving", "murky", "water")}
 
 
 def test_pretraining_stream_is_seeded_and_finite_when_asked():
@@ -94,6 +118,18 @@ def test_pretraining_stream_is_seeded_and_finite_when_asked():
     assert not np.array_equal(first[0][0], first[1][0])
     other = next(pretraining_stream(seed=8, batch_size=16))
     assert not np.array_equal(other[0], first[0][0])
+
+
+def test_domain_weights_set_how_often_each_domain_is_drawn():
+    rng = np.random.default_rng(0)
+    attrs = sample_attributes(rng, 3000, domains=["clean", "noisy", "sketch"], domain_weights=[4, 4, 1])
+    counts = np.bincount(attrs["domain"], minlength=len(DOMAINS))
+    share = counts[DOMAINS.index("sketch")] / 3000
+    assert 0.08 < share < 0.14 and counts[DOMAINS.index("dark")] == 0  # 1/9 = 0.11
+    only_clean = next(pretraining_stream(seed=1, batch_size=32, domains=("clean", "sketch"), domain_weights=(1, 0)))
+    assert not any(w in text for text in only_clean[1] for w in ("sketch", "drawing", "outline"))
+    with pytest.raises(ConfigError, match="domain_weights"):
+        sample_attributes(rng, 4, domains=["clean", "noisy"], domain_weights=[1])
 
 
 # ------------------------------------------------------------------------------------------------------ datasets
@@ -146,6 +182,17 @@ def test_toy_dataset_is_cached_and_reused(tmp_path, monkeypatch):
         build_dataset("toy_textures", tmp_path, seed=1, **SMALL)
 
 
+@pytest.mark.parametrize("name", ["toy_faded", "toy_underwater", "toy_night"])
+def test_novel_classes_of_the_table_datasets_name_new_colours(tmp_path, name):
+    ds = build_dataset(name, tmp_path, **SMALL)
+    base, novel = subsample_classes(ds, "base"), subsample_classes(ds, "novel")
+    colours = [{c for c in COLOR_NAMES if any(c in n.split() for n in part.classnames)} for part in (base, novel)]
+    assert base.num_classes == novel.num_classes and not colours[0] & colours[1]
+    assert len(colours[0]) == len(colours[1]) == len(dict(TOY_DATASETS[name].factors)["color"]) // 2
+    other = {w for n in base.classnames for w in n.split() if w not in COLOR_NAMES and w != TOY_DATASETS[name].noun}
+    assert len(other) > 1  # within its colours, base still has every size or texture
+
+
 def test_toy_dataset_base_novel_and_few_shot(tmp_path):
     ds = build_dataset("toy_shapes", tmp_path, n_train=6, n_val=4, n_test=1)
     base, novel = subsample_classes(ds, "base"), subsample_classes(ds, "novel")
@@ -154,5 +201,10 @@ def test_toy_dataset_base_novel_and_few_shot(tmp_path):
     assert len(base_colours) >= 3  # the fixed class shuffle spreads colours over base and novel
     shots = few_shot_split(base, 4, seed=1, store=ArtifactStore(tmp_path))
     assert len(shots.train) == 80 and len(shots.val) == 80
+    fewer_val = few_shot_split(base, 4, seed=1, store=ArtifactStore(tmp_path), val_k=2)
+    assert fewer_val.train == shots.train and len(fewer_val.val) == 40 and set(fewer_val.val) <= set(base.val)
+    assert few_shot_split(base, 4, seed=1, store=ArtifactStore(tmp_path), val_k=4).val == shots.val  # the default
+    with pytest.raises(ConfigError, match="validation shots"):
+        few_shot_split(base, 4, seed=1, val_k=0)
     with pytest.raises(ConfigError):
         build_dataset("toy_shapes", tmp_path, n_train=0)

@@ -11,6 +11,7 @@ and then loaded exactly like a real CoOp dataset, with `<store>/toyworld_data/<k
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -26,7 +27,7 @@ from caspl.artifacts import ArtifactStore, atomic_write_text, content_key
 from caspl.data.base import Dataset
 from caspl.data.coop import CoopSpec, load_coop_dataset
 from caspl.data.registry import register_dataset
-from caspl.data.toyworld.render import GENERATOR_VERSION, VOCAB, render, sample_attributes
+from caspl.data.toyworld.render import COLOR_NAMES, GENERATOR_VERSION, VOCAB, render, sample_attributes
 from caspl.errors import ConfigError
 
 TOYWORLD_KIND = "toyworld_data"
@@ -42,20 +43,35 @@ class ToySpec:
     template: str
     templates: tuple[str, ...]
     nuisance: tuple[tuple[str, tuple[str, ...]], ...] = ()  # restricts the other attributes' random values
+    novel_by: str | None = None  # a factor whose values novel classes never share with base classes
+    noun: str = ""  # appended to attribute-only class names ("small red" -> "small red shape"): a noun phrase
 
     def classes(self) -> list[dict[str, str]]:
-        """Every combination of the factor values, in a fixed shuffled order so base and novel both mix them."""
+        """Every combination of the factor values, in a fixed shuffled order.
+
+        With `novel_by` (e.g. "color"), half of that factor's values (a fixed random half) make the first half of
+        the list, so the base classes (the first ceil(C/2), DESIGN §2.4) and the novel classes name different
+        colours: novel classes are new concepts, as in the paper's base-to-novel split. Without it, base and novel
+        both mix every value.
+        """
         names = [f for f, _ in self.factors]
         combos = [dict(zip(names, values)) for values in itertools.product(*(v for _, v in self.factors))]
-        order = np.random.default_rng(zlib.crc32(self.name.encode())).permutation(len(combos))
+        rng = np.random.default_rng(zlib.crc32(self.name.encode()))
+        order = rng.permutation(len(combos))
+        if self.novel_by is not None:
+            values = dict(self.factors)[self.novel_by]
+            if len(values) % 2:
+                raise ConfigError(f"{self.name}: novel_by {self.novel_by!r} needs an even number of values")
+            base_values = {values[i] for i in rng.permutation(len(values))[: len(values) // 2]}
+            order = sorted(order, key=lambda i: combos[i][self.novel_by] not in base_values)  # stable: keeps shuffle
         return [combos[i] for i in order]
 
     def coop(self) -> CoopSpec:
         return CoopSpec(self.name, self.display, self.name, "images", self.template, templates=self.templates)
 
 
-def classname(combo: dict[str, str]) -> str:
-    return " ".join(combo[a] for a in _CAPTION_ORDER if a in combo)
+def classname(combo: dict[str, str], noun: str = "") -> str:
+    return " ".join([combo[a] for a in _CAPTION_ORDER if a in combo] + ([noun] if noun else []))
 
 
 TOY_DATASETS: dict[str, ToySpec] = {
@@ -90,6 +106,35 @@ TOY_DATASETS: dict[str, ToySpec] = {
             templates=("{} texture.", "a photo of a {} shape.", "a {} shape on a textured background.",
                        "a {} shape on a dark background."),
         ),
+        ToySpec(
+            "toy_faded", "ToyFaded",
+            factors=(("color", COLOR_NAMES), ("size", ("small", "large"))),
+            domains=("faded",),
+            novel_by="color",
+            noun="shape",
+            template="a faded photo of a {}.",
+            templates=("a faded photo of a {}.", "a washed out photo of a {}.", "a pale {}.", "a {} in harsh light."),
+        ),
+        ToySpec(
+            "toy_underwater", "ToyUnderwater",
+            factors=(("color", COLOR_NAMES), ("texture", ("solid", "striped", "dotted", "checkered"))),
+            domains=("underwater",),
+            nuisance=(("size", ("large",)),),
+            novel_by="color",
+            noun="shape",
+            template="an underwater photo of a {}.",
+            templates=("an underwater photo of a {}.", "a {} under water.", "a photo of a {} in deep water.",
+                       "a {} seen through water."),
+        ),
+        ToySpec(
+            "toy_night", "ToyNight",
+            factors=(("color", COLOR_NAMES), ("size", ("small", "large"))),
+            domains=("dark",),
+            novel_by="color",
+            noun="shape",
+            template="a dark photo of a {}.",
+            templates=("a dark photo of a {}.", "a {} in the dark.", "a {} in low light.", "a dim picture of a {}."),
+        ),
     )
 }
 
@@ -99,7 +144,7 @@ def toyworld_folder(
 ) -> Path:
     """The store folder that plays `$DATA` for `spec` (built once, atomically, on first use)."""
     sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
-    key = content_key(TOYWORLD_KIND, GENERATOR_VERSION, spec.name, sizes, int(seed), int(image_size))
+    key = content_key(TOYWORLD_KIND, GENERATOR_VERSION, dataclasses.asdict(spec), sizes, int(seed), int(image_size))
     return store.get_or_build(TOYWORLD_KIND, key, lambda tmp: _write(tmp, spec, sizes, seed, image_size), log=None)
 
 
@@ -113,7 +158,7 @@ def _write(tmp: Path, spec: ToySpec, sizes: dict[str, int], seed: int, image_siz
         split[name] = []
         for i, image in enumerate(images):
             label = i // per_class
-            cname = classname(classes[label])
+            cname = classname(classes[label], spec.noun)
             rel = f"{cname.replace(' ', '_')}/{name}_{i % per_class:04d}.png"
             (folder / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(folder / "images" / rel, format="PNG")

@@ -15,7 +15,7 @@ import numpy as np
 
 from caspl.errors import ConfigError
 
-GENERATOR_VERSION = 1  # bump on any change that alters rendered bytes or captions (it is part of cache keys)
+GENERATOR_VERSION = 106  # bump on any change that alters rendered bytes or captions (it is part of cache keys)
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "pentagon", "crescent")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -33,14 +33,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES = tuple(COLORS)
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = ("small", "large")
-DOMAINS = ("clean", "noisy", "sketch", "dark", "textured")
+DOMAINS = ("clean", "noisy", "sketch", "dark", "textured", "faded", "underwater")
 VOCAB: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "color": COLOR_NAMES, "texture": TEXTURES, "size": SIZES, "domain": DOMAINS,
 }
 
 _RGB = np.array(list(COLORS.values()), dtype=np.float32)
-_RADIUS = {"small": (0.17, 0.22), "large": (0.30, 0.38)}  # fraction of the image side
-_NOISE = {"clean": (0.0, 0.0), "noisy": (18.0, 32.0), "sketch": (3.0, 6.0), "dark": (4.0, 8.0), "textured": (3.0, 6.0)}
+_RADIUS = {"small": (0.22, 0.27), "large": (0.32, 0.40)}  # fraction of the image side
+_NOISE = {"clean": (0.0, 0.0), "noisy": (18.0, 32.0), "sketch": (3.0, 6.0), "dark": (4.0, 8.0), "textured": (3.0, 6.0),
+          "faded": (3.0, 6.0), "underwater": (3.0, 6.0)}
+_FADE = (0.35, 0.5)  # faded: the share of the picture's contrast left after washing it out toward white
+_WATER_TINT = np.array([0.4, 0.8, 0.95], dtype=np.float32)  # underwater: red light is absorbed first...
+_WATER_HAZE = np.array([0.0, 35.0, 60.0], dtype=np.float32)  # ...and blue-green scattered light is added
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -63,17 +67,22 @@ def sample_attributes(
     sizes: Sequence[str] | None = None,
     image_size: int = 32,
     fixed: Mapping[str, np.ndarray] | None = None,
+    domain_weights: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Attributes of n images, each a length-n array (categorical ones as vocabulary indices).
 
-    The name lists restrict the uniform choice of each categorical attribute; `fixed` sets categorical
-    attributes per image (index arrays) before the dependent ones (radius, position) are drawn.
+    The name lists restrict the uniform choice of each categorical attribute (`domain_weights`, one per name in
+    `domains`, makes the domain choice non-uniform); `fixed` sets categorical attributes per image (index arrays)
+    before the dependent ones (radius, position) are drawn.
     """
     choice = {"domain": domains, "shape": shapes, "color": colors, "texture": textures, "size": sizes}
     attrs: dict[str, np.ndarray] = {}
     for name, allowed in choice.items():
         pool = _indices(name, allowed)
-        attrs[name] = pool[rng.integers(0, len(pool), n)]
+        if name == "domain" and domain_weights is not None:
+            attrs[name] = pool[rng.choice(len(pool), n, p=_probabilities(domain_weights, len(pool)))]
+        else:
+            attrs[name] = pool[rng.integers(0, len(pool), n)]
     for name, values in (fixed or {}).items():
         if name not in VOCAB:
             raise ConfigError(f"ToyWorld: cannot fix {name!r}; fixable: {list(VOCAB)}")
@@ -102,12 +111,21 @@ def sample_attributes(
         brightness=np.where(attrs["domain"] == DOMAINS.index("dark"), rng.uniform(0.35, 0.55, n), 1.0).astype(
             np.float32
         ),
+        fade=np.where(attrs["domain"] == DOMAINS.index("faded"), rng.uniform(*_FADE, n), 1.0).astype(np.float32),
         period=(rng.uniform(3.5, 5.0, n) * S / 32).astype(np.float32),
         phase=rng.uniform(0, 8, n).astype(np.float32),
         noise=_sample_noise(rng, attrs["domain"]),
         seed=rng.integers(0, 2**63 - 1, n, dtype=np.int64).astype(np.uint64),
     )
     return attrs
+
+
+def _probabilities(weights: Sequence[float], count: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != count or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"ToyWorld domain_weights {list(weights)} need one non-negative weight per domain "
+                          f"({count}), not all zero")
+    return w / w.sum()
 
 
 def _sample_backgrounds(rng: np.random.Generator, domain: np.ndarray) -> np.ndarray:
@@ -251,6 +269,8 @@ def render(attrs: Mapping[str, np.ndarray]) -> np.ndarray:
     bright = rgb[:, 0] * np.float32(0.299) + rgb[:, 1] * np.float32(0.587) + rgb[:, 2] * np.float32(0.114) > 110
     alt = np.where(bright[:, None], rgb * 0.35, rgb * 0.35 + 165).astype(np.float32)
     obj = np.where(second[..., None], alt[:, None, None, :], rgb[:, None, None, :])
+    edge = mask & ~_erode(mask)  # a darker rim keeps the silhouette whole whatever the texture and background
+    obj = np.where(edge[..., None], (rgb * np.float32(0.45))[:, None, None, :], obj)
     obj *= attrs["brightness"][:, None, None, None]
 
     img = _backgrounds(attrs, grid)
@@ -258,6 +278,13 @@ def render(attrs: Mapping[str, np.ndarray]) -> np.ndarray:
     filled = mask & (domain != DOMAINS.index("sketch"))[:, None, None]
     img = np.where(filled[..., None], obj, img)
     img = _draw_sketches(img, attrs, mask)
+    water = np.flatnonzero(attrs["domain"] == DOMAINS.index("underwater"))
+    if len(water):
+        img[water] = img[water] * _WATER_TINT + _WATER_HAZE
+    faded = np.flatnonzero(attrs["fade"] < 1)
+    if len(faded):  # washed out: every colour moves most of the way to white
+        keep = attrs["fade"][faded, None, None, None]
+        img[faded] = np.float32(255) - (np.float32(255) - img[faded]) * keep
 
     noisy = np.flatnonzero(attrs["noise"] > 0)
     if len(noisy):
@@ -293,44 +320,89 @@ def _draw_sketches(img: np.ndarray, attrs: Mapping[str, np.ndarray], mask: np.nd
 
 
 # ----------------------------------------------------------------------------------------------------- captions
-_FILLED = ("a photo of a {d}.", "a {d}.", "a picture of a {d}.", "an image of a {d}.", "a {shape} that is {color}.")
-_CAPTIONS: dict[str, tuple[str, ...]] = {
-    "clean": _FILLED + ("a {d} on a plain background.", "a clean photo of a {d}."),
-    "noisy": _FILLED + ("a noisy photo of a {d}.", "a grainy picture of a {d}."),
-    "sketch": ("a sketch of a {s}.", "a drawing of a {s}.", "an outline of a {s}.", "a pencil sketch of a {s}."),
-    "dark": _FILLED + ("a {d} on a dark background.", "a dark photo of a {d}.", "a {d} in low light."),
-    "textured": _FILLED + ("a {d} on a textured background.", "a photo of a {d} in front of a pattern."),
+# Captions read like varied web alt-text: an opener (neutral, or naming the domain), a random subset of the
+# attributes as adjectives in varying order, sometimes a domain or position phrase after the noun, sometimes a
+# relative clause or a bare tag list. Words before the noun carry information (domain, size, colour, texture), as
+# they do for CLIP, so the text tower learns to let them steer the noun's features: what gives learned context
+# tokens their leverage.
+_NEUTRAL = ("a photo of", "a picture of", "an image of", "a rendering of", "a close-up of", "a snapshot of",
+            "this is", "there is", "here is", "look at", "i see", "")
+_OPENERS = {
+    "clean": ("a clean photo of", "a sharp photo of", "a bright photo of", "a clear picture of"),
+    "noisy": ("a noisy photo of", "a grainy picture of", "a low quality photo of", "a noisy image of"),
+    "sketch": ("a sketch of", "a drawing of", "an outline of", "a pencil sketch of", "a line drawing of"),
+    "dark": ("a dark photo of", "a dim picture of", "a low light photo of", "a dark image of"),
+    "textured": ("a busy photo of", "a patterned photo of", "a cluttered picture of", "a photo with a pattern of"),
+    "faded": ("a faded photo of", "a washed out photo of", "an overexposed photo of", "a pale picture of"),
+    "underwater": ("an underwater photo of", "a photo taken under water of", "a diving photo of",
+                   "a murky photo of"),
 }
+_SUFFIXES = {
+    "clean": ("on a plain background", "on a grey background", "in a clean photo"),
+    "noisy": ("with noise", "in a noisy photo", "with grain"),
+    "sketch": ("on paper", "drawn in pencil", "in outline"),
+    "dark": ("on a dark background", "in low light", "in the dark"),
+    "textured": ("on a textured background", "in front of a pattern", "on a patterned background"),
+    "faded": ("washed out", "in harsh light", "faded by the sun"),
+    "underwater": ("under water", "in deep water", "seen through water"),
+}
+_DOMAIN_TAG = {"clean": "clean", "noisy": "noisy", "sketch": "sketch", "dark": "dark", "textured": "pattern",
+               "faded": "faded", "underwater": "underwater"}
+_TEXTURE_NOUN = {"striped": "stripes", "dotted": "dots", "checkered": "checks"}
 _PATTERN = "{color} {texture} texture."  # the wording of toy_textures' classes
 _ARTICLE = re.compile(r"(^|\s)a ([aeiou])")
 
 
-def _phrase(rng: np.random.Generator, size: str, color: str, texture: str, shape: str) -> str:
-    keep_size, keep_color, keep_texture = (rng.random(3) < (0.5, 0.9, 0.25 if texture == "solid" else 0.7)).tolist()
-    words = [size] * keep_size + [color] * keep_color + [texture] * keep_texture
-    return " ".join(words + [shape])
+def _adjectives(rng: np.random.Generator, size: str, color: str, texture: str, sketch: bool) -> list[str]:
+    """A random subset of the attribute words, in canonical order (size, colour, texture) or shuffled."""
+    if sketch:  # a pencil outline shows neither colour nor texture
+        return [size] if rng.random() < 0.7 else []
+    keep = rng.random(3) < (0.5, 0.85, 0.3 if texture == "solid" else 0.75)
+    words = [w for w, k in zip((size, color, texture), keep.tolist()) if k]
+    if len(words) > 1 and rng.random() < 0.4:
+        words = [words[i] for i in rng.permutation(len(words))]
+    return words
 
 
 def _position(cx: float, cy: float, size: float) -> str:
     col = "left" if cx < size / 3 else "right" if cx > 2 * size / 3 else ""
     row = "top" if cy < size / 3 else "bottom" if cy > 2 * size / 3 else ""
-    return f" in the {row} {col}".replace("  ", " ").rstrip() if (row or col) else " in the center"
+    return f"in the {row} {col}".replace("  ", " ").strip() if (row or col) else "in the center"
+
+
+def _caption(rng: np.random.Generator, domain: str, size: str, color: str, texture: str, shape: str,
+             where: str) -> str:
+    sketch = domain == "sketch"
+    adjectives = _adjectives(rng, size, color, texture, sketch)
+    form = rng.random()
+    if form < 0.12 and not sketch:  # the texture on its own, as toy_textures names it
+        return _PATTERN.format(color=color, texture=texture)
+    if form < 0.24:  # a bare tag list in random order
+        tags = adjectives + [shape] + ([_DOMAIN_TAG[domain]] if rng.random() < 0.6 else [])
+        return ", ".join(tags[i] for i in rng.permutation(len(tags))) + "."
+    if form < 0.36 and adjectives:  # the attributes after the noun
+        return f"a {shape} that is {' and '.join(adjectives)}."
+    named = rng.random()
+    opener = _OPENERS[domain][rng.integers(len(_OPENERS[domain]))] if named < 0.45 else \
+        _NEUTRAL[rng.integers(len(_NEUTRAL))]
+    generic = rng.random() < 0.15  # a hypernym, as captions often say "a red shape"
+    noun = " ".join(adjectives + [("shape", "object")[int(rng.integers(2))] if generic else shape])
+    if not sketch and texture != "solid" and texture not in adjectives and rng.random() < 0.2:
+        noun += f" with {_TEXTURE_NOUN[texture]}"
+    text = f"{opener} a {noun}".strip()
+    if 0.45 <= named < 0.75:  # the domain after the noun instead
+        text += " " + _SUFFIXES[domain][rng.integers(len(_SUFFIXES[domain]))]
+    if rng.random() < 0.1:
+        text += " " + where
+    return text + "."
 
 
 def captions(attrs: Mapping[str, np.ndarray], rng: np.random.Generator) -> list[str]:
-    """One caption per image, drawn from domain-specific templates with a random subset of the attributes."""
+    """One caption per image (see the grammar above), a function of the attributes and `rng`."""
     out = []
     for i in range(len(attrs["shape"])):
-        size, shape = SIZES[attrs["size"][i]], SHAPES[attrs["shape"][i]]
-        color, texture = COLOR_NAMES[attrs["color"][i]], TEXTURES[attrs["texture"][i]]
-        domain = DOMAINS[attrs["domain"][i]]
-        templates = _CAPTIONS[domain] + ((_PATTERN,) if domain != "sketch" else ())
-        template = templates[rng.integers(len(templates))]
-        sketch = f"{size} {shape}" if rng.random() < 0.6 else shape
-        text = template.format(d=_phrase(rng, size, color, texture, shape), s=sketch, shape=shape, color=color,
-                               texture=texture)
-        if "{d}" in template and rng.random() < 0.15:
-            text = text[:-1] + _position(float(attrs["cx"][i]), float(attrs["cy"][i]), float(attrs["canvas"][i])) + "."
+        where = _position(float(attrs["cx"][i]), float(attrs["cy"][i]), float(attrs["canvas"][i]))
+        text = _caption(rng, DOMAINS[attrs["domain"][i]], SIZES[attrs["size"][i]], COLOR_NAMES[attrs["color"][i]],
+                        TEXTURES[attrs["texture"][i]], SHAPES[attrs["shape"][i]], where)
         out.append(_ARTICLE.sub(r"\1an \2", text))
     return out
-
