@@ -24,14 +24,24 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _domain_share(recipe: tp.Recipe, domain: str) -> float:
+    weights = recipe.domain_weights or (1.0,) * len(recipe.domains)
+    return sum(w for d, w in zip(recipe.domains, weights) if d == domain) / sum(weights)
+
+
 def test_student_is_weaker_and_deep_enough():
+    from caspl.data.toyworld import TOY_DATASETS
+
     teacher, student = (tp.architecture_config(n) for n in (tp.TEACHER, tp.STUDENT))
     assert student["vision_cfg"]["layers"] >= 4 and student["text_cfg"]["layers"] >= 4
     assert student["vision_cfg"]["patch_size"] > teacher["vision_cfg"]["patch_size"]  # fewer tokens: weaker
-    assert tp.RECIPES[tp.STUDENT].steps < tp.RECIPES[tp.TEACHER].steps
     assert all(cfg["vision_cfg"]["image_size"] == 32 and cfg["text_cfg"]["context_length"] <= 32
                for cfg in (teacher, student))
     assert set(tp.RECIPES[tp.STUDENT].domains) < set(tp.RECIPES[tp.TEACHER].domains)
+    table_domains = {d for name in tp.EVAL_DATASETS for d in TOY_DATASETS[name].domains}
+    for domain in table_domains:  # the table's domains: a rare sight for the student, a common one for the teacher
+        assert _domain_share(tp.RECIPES[tp.STUDENT], domain) < 0.01 < 0.15 < _domain_share(tp.RECIPES[tp.TEACHER],
+                                                                                            domain)
 
 
 def test_training_is_deterministic_and_seeded():
@@ -43,11 +53,16 @@ def test_training_is_deterministic_and_seeded():
     assert math.isfinite(stats["final_loss"])
 
 
-def test_cache_round_trip_builds_once(tmp_path):
+def test_cache_round_trip_builds_once_and_in_parallel_the_same_weights(tmp_path):
     store = ArtifactStore(tmp_path)
-    built = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)
+    built = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)  # one process per model
     again = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)
     assert all(r["built"] for r in built.values()) and not any(r["built"] for r in again.values())
+    one_by_one = tp.build_toyworld_models(ArtifactStore(tmp_path / "seq"), recipes=TINY_RECIPES, progress=False,
+                                          parallel=False)
+    for name in TINY_RECIPES:
+        assert one_by_one[name]["key"] == built[name]["key"]
+        assert _equal(load_file(one_by_one[name]["weights"]), load_file(built[name]["weights"]))
     for name in TINY_RECIPES:
         assert again[name]["weights"] == built[name]["weights"]
         assert again[name]["info"]["recipe"]["steps"] == TINY_RECIPES[name].steps
@@ -69,10 +84,12 @@ def test_corrupted_weights_are_detected_and_rebuilt(tmp_path):
 
 
 def test_load_clip_toyworld_is_strict_and_cached(monkeypatch):
-    monkeypatch.setitem(tp.RECIPES, tp.STUDENT, TINY)
+    for name, recipe in TINY_RECIPES.items():
+        monkeypatch.setitem(tp.RECIPES, name, recipe)
     loaded = load_clip(ModelSpec(tp.STUDENT, pretrained="toyworld"))
     expected = tp.build_model(tp.STUDENT, progress=False)
     assert not expected["built"]  # load_clip built it into the default (test) store
+    assert not tp.build_model(tp.TEACHER, progress=False)["built"]  # and its partner with it
     assert loaded.checkpoint == str(expected["weights"])
     state = load_file(expected["weights"])
     assert _equal({k: v for k, v in loaded.model.state_dict().items() if k in state}, state)
