@@ -7,9 +7,10 @@ prompts) lives in a folder named by the hash of everything that determines it:
         MANIFEST.json      {"key": ..., "meta": {...}, "files": {"name": {"sha256": ..., "bytes": ...}}}
         <files...>
 
-A build writes into a temporary sibling folder and renames it into place (atomic on one filesystem); a lock
-file serialises concurrent builders of the same key so the work is done once. A read checks every file against
-the manifest; a folder that fails the check is moved aside and rebuilt, never trusted because it exists.
+A build writes into a temporary sibling folder and renames it into place (atomic on one filesystem, see
+`atomic_folder`); a lock file serialises concurrent builders of the same key so the work is done once. A read checks
+every file against the manifest; a folder that fails the check, or has no manifest at all (a damaged build), is moved
+aside with one line saying so and rebuilt, never trusted because it exists.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def write_manifest(folder: Path, key: str, meta: dict | None = None) -> dict:
 def verify_folder(folder: Path, key: str | None = None) -> dict:
     """Check every file of `folder` against its manifest; return the manifest or raise CorruptArtifactError."""
     manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CorruptArtifactError(f"{folder}: no {MANIFEST} (an interrupted or damaged build)")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
@@ -112,6 +115,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextmanager
+def atomic_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `target`; when the block succeeds it becomes `target` in one rename.
+
+    `replace=True` swaps out an existing `target` (moved aside, then deleted); otherwise an existing `target` is an
+    error. When the block fails the temporary folder is deleted and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build."))
+    try:
+        yield tmp
+        if replace and target.exists():
+            old = target.with_name(f".{target.name}.old.{time.time_ns()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
@@ -132,9 +159,9 @@ class ArtifactStore:
         return self.root / kind / key
 
     def get(self, kind: str, key: str) -> Path | None:
-        """The verified folder for (kind, key), or None when absent; a corrupt folder is moved aside."""
+        """The verified folder for (kind, key), or None when absent; a damaged folder is moved aside."""
         folder = self.folder(kind, key)
-        if not (folder / MANIFEST).exists():
+        if not folder.exists():
             return None
         try:
             verify_folder(folder, key)
@@ -142,6 +169,17 @@ class ArtifactStore:
             self._quarantine(folder, str(exc))
             return None
         return folder
+
+    def status(self, kind: str, key: str) -> str:
+        """"complete", "damaged" or "absent", read-only: nothing is moved, built or deleted."""
+        folder = self.folder(kind, key)
+        if not folder.exists():
+            return "absent"
+        try:
+            verify_folder(folder, key)
+        except CorruptArtifactError:
+            return "damaged"
+        return "complete"
 
     def get_or_build(
         self,
@@ -158,22 +196,17 @@ class ArtifactStore:
         with file_lock(self.root / kind / f".{key}.lock"):
             if (found := self.get(kind, key)) is not None:  # another process built it while we waited
                 return found
-            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}.build."))
-            try:
+            with atomic_folder(folder) as tmp:
                 meta = build(tmp) or {}
                 write_manifest(tmp, key, meta)
-                os.rename(tmp, folder)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         if log:
             log(f"[caspl] built {kind}/{key} -> {folder}")
         return folder
 
     def _quarantine(self, folder: Path, reason: str) -> None:
-        target = folder.with_name(f".{folder.name}.corrupt.{int(time.time() * 1000)}")
+        target = folder.with_name(f".{folder.name}.corrupt.{time.time_ns()}")
         try:
             os.rename(folder, target)
         except OSError:  # another process moved it first
-            pass
-        print(f"[caspl] warning: {reason}; rebuilding")
+            return
+        print(f"[caspl] warning: {reason}; moved it aside to {target.name} and rebuilding")

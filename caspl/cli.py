@@ -18,9 +18,10 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from caspl.methods import list_methods
+    from caspl.methods import list_methods, method_class
 
-    print("\n".join(list_methods()))
+    for name in list_methods():
+        print(f"{name:12s} {method_class(name).config_cls.kind}")
     return 0
 
 

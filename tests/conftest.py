@@ -19,6 +19,29 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# One tiny configuration per registered prompt method (boosting aside), for the `caspl-tiny` model (3 layers per
+# tower), shared by the method, adapting and protocol tests. A new method adds its row here;
+# tests/test_methods.py checks that every registered method has one.
+METHOD_CASES: dict[str, dict] = {
+    "zeroshot": {"method": "zeroshot"},
+    "coop": {"method": "coop", "n_ctx": 4},
+    "cocoop": {"method": "cocoop", "n_ctx": 4, "meta_hidden_ratio": 4},
+    "ivlp": {"method": "ivlp", "text_length": 2, "vision_length": 3, "text_depth": 2, "vision_depth": 3,
+             "ctx_init": None},
+    "maple": {"method": "maple", "length": 2, "depth": 2},
+    "promptsrc": {"method": "promptsrc", "text_length": 2, "vision_length": 2, "text_depth": 3, "vision_depth": 3,
+                  "gpa_mean": 3.0, "gpa_std": 1.0},
+}
+TINY_BOOST = {"method": "boost", "text_length": 3, "vision_length": 2, "text_depth": 3, "vision_depth": 2}
+
+
+def trainable_methods() -> list[str]:
+    """The method cases that have prompts to train (every base method)."""
+    from caspl.methods import BASE, method_class
+
+    return sorted(name for name in METHOD_CASES if method_class(name).config_cls.kind == BASE)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Artefacts built by a test land in a per-session temporary store, never in the user's cache."""

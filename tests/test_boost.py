@@ -1,5 +1,6 @@
 """Boosting at scale: teacher cache keys and robustness, views, resume and DDP equivalence, online == cached."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -150,10 +151,10 @@ def test_online_and_cached_teacher_give_the_same_loss_on_identical_views(tmp_pat
     inputs, _ = prepare_boost(cfg, store, progress=False)
     from caspl.data.base import load_image
     from caspl.data.views import stack_views
-    from caspl.train.boost import _teacher_source
+    from caspl.train.boost import teacher_source
 
-    cached = _teacher_source(cfg, inputs)
-    online = _teacher_source(from_dict(BoostRunConfig, {**_raw(cfg), "teacher_mode": "online"}), inputs)
+    cached = teacher_source(cfg, inputs)
+    online = teacher_source(dataclasses.replace(cfg, teacher_mode="online"), inputs)
     ids = cached.usable_ids[:6]
     views = [view_of(i, 2, cfg.cache.views) for i in ids]
     paths = dict(zip(inputs.images.ids, inputs.images.paths))
@@ -163,12 +164,6 @@ def test_online_and_cached_teacher_give_the_same_loss_on_identical_views(tmp_pat
     assert torch.allclose(sims_online, sims_cached, atol=1e-5)
     assert float(kd_loss(student, 50 * sims_online, 2.0)) == pytest.approx(float(kd_loss(student, 50 * sims_cached, 2.0)),
                                                                           rel=1e-5)
-
-
-def _raw(cfg):
-    import dataclasses
-
-    return {k: v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):

@@ -33,23 +33,31 @@ def test_boost_configs(path):
 
 @pytest.mark.parametrize("path", _files("adapt"), ids=lambda p: p.name)
 def test_adapt_configs(path):
-    from caspl.methods import config_from_dict
-    from caspl.train.adapt import AdaptRunConfig
+    from caspl.train.adapt import AdaptRunConfig, boost_run_config
+    from caspl.train.boost import BoostSection
 
     cfg = from_dict(AdaptRunConfig, load_yaml(path))
-    config_from_dict(cfg.method)
     architecture_config(cfg.student.name)
+    if isinstance(cfg.boost, BoostSection):
+        boost_run_config(cfg)  # the boosting section makes a valid boosting run with the run's student and data
+    if cfg.method.kind == "base":
+        assert path.stem.startswith(cfg.method.name + "_")  # <method>_<setting>.yaml
+
+
+def test_every_base_method_ships_a_toy_and_a_paper_config():
+    from caspl.methods import BASE, list_methods
+
+    stems = {p.stem for p in _files("adapt")}
+    missing = [f"{m}_{kind}.yaml" for m in list_methods(BASE) for kind in ("toy", "paper") if f"{m}_{kind}" not in stems]
+    assert not missing, f"add studies/configs/adapt/{missing[0]} (and the others: {missing})"
 
 
 @pytest.mark.parametrize("path", _files("study"), ids=lambda p: p.name)
 def test_study_configs(path):
     from caspl.study.config import load_study_config
-    from caspl.study.runner import _check_run_configs, _student_layers
-    from caspl.study.space import build_space
+    from caspl.study.runner import check_study
 
-    study = load_study_config(load_yaml(path))
-    space = build_space(study, _student_layers(architecture_config(study.student.name)))
-    _check_run_configs(study, space)
+    check_study(load_study_config(load_yaml(path)))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ray_jobs").glob("*.yaml")), ids=lambda p: p.name)

@@ -58,7 +58,7 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 
 BAD_INPUTS = {
-    "unknown method": ({"methods": ["coop", "vpt"]}, "study.methods"),
+    "unknown method": ({"methods": ["coop", "nosuch"]}, "base methods"),
     "depth beyond the student": ({"search.space": {"boost.depth": {"type": "int", "low": 1, "high": 9}}},
                                  "must lie in 1..3"),
     "non-positive temperature": ({"search.space": {"boost.temperature": {"type": "float", "low": 0.0, "high": 2.0}}},
@@ -68,7 +68,7 @@ BAD_INPUTS = {
     "unreachable tracking server": ({"tracking": {"env_file": None, "tracking_uri": "http://127.0.0.1:9"}},
                                     "unreachable"),
     "unknown key": ({"adapt.optim": {"lr": 0.01, "epochz": 2}}, "adapt.optim.epochz"),
-    "unknown parameter prefix": ({"search.space": {"vpt.n_ctx": {"type": "int", "low": 1, "high": 2}}},
+    "unknown parameter prefix": ({"search.space": {"nosuch.n_ctx": {"type": "int", "low": 1, "high": 2}}},
                                  "the prefix must be"),
 }
 
@@ -81,12 +81,12 @@ def test_bad_study_configs_are_refused_before_ray(tmp_path, case):
 
 
 def test_bad_config_exits_2_with_one_line_and_no_ray(tmp_path):
-    path = _write(tmp_path, tiny_study(tmp_path, methods=["coop", "vpt"]))
+    path = _write(tmp_path, tiny_study(tmp_path, methods=["coop", "nosuch"]))
     done = subprocess.run([sys.executable, str(SWEEP), "--config", str(path)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "study.methods" in lines[0]
+    assert len(lines) == 1 and "base methods" in lines[0]
     assert "Started a local Ray instance" not in done.stdout + done.stderr
 
 

@@ -138,25 +138,28 @@ def _canonical(items: Iterable[Item]) -> list[Item]:
     return sorted(items, key=lambda it: (it.path, it.label))
 
 
-def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | None = None) -> Dataset:
-    """`dataset` with a k-shot train and a min(k, 4)-shot val; test untouched.
+def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | None = None, *,
+                   val_k: int | None = None) -> Dataset:
+    """`dataset` with a k-shot train and a `val_k`-shot val (default: the paper's min(k, 4)); test untouched.
 
-    The selection is a function of the (sorted) item lists, k and seed only; with a store it is cached under
-    kind "fewshot", outside the dataset folder, built once even by concurrent processes.
+    The selection is a function of the (sorted) item lists, k, val_k and seed only; with a store it is cached under
+    kind "fewshot", outside the dataset folder, built once even by concurrent processes. `val_k=0` keeps no
+    validation images.
     """
     train, val = _canonical(dataset.train), _canonical(dataset.val)
-    val_k = min(k, 4)
+    val_k = min(k, 4) if val_k is None else val_k
     if store is None:
-        picked = {"train": few_shot(train, k, seed), "val": few_shot(val, val_k, seed)}
+        picked = {"train": few_shot(train, k, seed), "val": few_shot(val, val_k, seed) if val_k else []}
         return replace(dataset, train=picked["train"], val=picked["val"], templates=list(dataset.templates))
 
     pairs = {s: [[it.path, it.label] for it in items] for s, items in (("train", train), ("val", val))}
-    key = content_key("fewshot", FEWSHOT_VERSION, dataset.name, pairs, int(k), int(seed))
+    key = content_key("fewshot", FEWSHOT_VERSION, dataset.name, pairs, int(k), int(seed),
+                      *([] if val_k == min(k, 4) else [int(val_k)]))  # the paper's default keeps its old key
 
     def build(folder: Path) -> dict:
         selection = {
             "train": [[it.path, it.label] for it in few_shot(train, k, seed)],
-            "val": [[it.path, it.label] for it in few_shot(val, val_k, seed)],
+            "val": [[it.path, it.label] for it in few_shot(val, val_k, seed)] if val_k else [],
         }
         atomic_write_text(folder / SELECTION_FILE, json.dumps(selection))
         return {"dataset": dataset.name, "k": int(k), "val_k": val_k, "seed": int(seed)}

@@ -29,7 +29,7 @@ from caspl.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_text
 from caspl.data.base import load_image
 from caspl.data.views import make_view
 from caspl.errors import ConfigError, DataError
-from caspl.models import ModelSpec
+from caspl.models import ModelSpec, model_identity, resolve_checkpoint
 
 KIND = "teacher_logits"
 CACHE_VERSION = 1
@@ -87,12 +87,12 @@ def cache_key(teacher_identity: dict, classnames: Sequence[str], template: str, 
 class TeacherActor:
     """Ray Data callable class: {"id", "path"} batches -> {"id", "ok", "error", "sims" [n, V, C]}."""
 
-    def __init__(self, teacher: dict, store_root: str, classnames: list[str], template: str,
-                 crop_scale: list[float], views: int, seed: int, threads: int = 1):
+    def __init__(self, teacher: dict, weights: tuple[str | None, dict], store_root: str, classnames: list[str],
+                 template: str, crop_scale: list[float], views: int, seed: int, threads: int = 1):
         from caspl.distill.teacher import TeacherScorer, load_teacher, teacher_text_features
 
         torch.set_num_threads(max(1, threads))
-        loaded = load_teacher(ModelSpec(**teacher))
+        loaded = load_teacher(ModelSpec(**teacher), weights)  # weights resolved by the driver: actors build nothing
         text = teacher_text_features(loaded, classnames, template, ArtifactStore(store_root))
         self.scorer = TeacherScorer(loaded, text, crop_scale)
         self.spec = self.scorer.view_spec
@@ -139,8 +139,6 @@ def build_logits_cache(
     progress: bool = True,
 ) -> BuildReport:
     """Make sure the cache for these inputs exists; compute only what no finished shard holds."""
-    from caspl.distill.teacher import model_identity
-
     start = time.perf_counter()
     key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
     if (done := store.get(KIND, key)) is not None:
@@ -170,7 +168,7 @@ def _run_teacher(teacher, classnames, template, cfg, store, partial, todo, repor
     ds = ds.map_batches(
         TeacherActor,
         fn_constructor_kwargs=dict(
-            teacher=asdict(teacher), store_root=str(store.root), classnames=list(classnames), template=template,
+            teacher=asdict(teacher), weights=resolve_checkpoint(teacher), store_root=str(store.root), classnames=list(classnames), template=template,
             crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed, threads=max(1, int(cfg.actor_num_cpus))),
         compute=ActorPoolStrategy(size=cfg.actors),
         batch_size=cfg.batch_size,
@@ -215,19 +213,21 @@ def _write_shard(path: Path, batch: dict[str, np.ndarray]) -> None:
                                                               "images": len(batch["id"])}))
 
 
-def _read_shard(path: Path) -> dict[str, np.ndarray] | None:
-    """A shard's arrays, or None when it is unfinished or fails its checksum (then it is deleted)."""
+def _read_shard(path: Path, repair: bool = True) -> dict[str, np.ndarray] | None:
+    """A shard's arrays, or None when it is unfinished or fails its checksum (then, with `repair`, it is deleted)."""
     sidecar = path.with_suffix(".json")
     try:
         expected = json.loads(sidecar.read_text())["sha256"]
         if sha256_file(path) == expected:
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-        print(f"[caspl] warning: teacher shard {path.name} fails its checksum; recomputing its images")
+        if repair:
+            print(f"[caspl] warning: teacher shard {path.name} fails its checksum; recomputing its images")
     except (OSError, ValueError, KeyError):
         pass
-    for stale in (path, sidecar):
-        stale.unlink(missing_ok=True)
+    if repair:
+        for stale in (path, sidecar):
+            stale.unlink(missing_ok=True)
     return None
 
 
@@ -235,12 +235,38 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.npz"))
 
 
-def _finished_ids(partial: Path) -> set[str]:
+def _finished_ids(partial: Path, repair: bool = True) -> set[str]:
     ids: set[str] = set()
     for shard in _shards(partial):
-        if (arrays := _read_shard(shard)) is not None:
+        if (arrays := _read_shard(shard, repair)) is not None:
             ids.update(arrays["id"].tolist())
     return ids
+
+
+@dataclass
+class CacheStatus:
+    key: str
+    state: str  # complete | partial | damaged | absent
+    images: int
+    images_done: int
+    folder: Path
+
+
+def inspect_cache(teacher: ModelSpec, classnames: Sequence[str], template: str, images: UnlabeledImages,
+                  cfg: CacheConfig, store: ArtifactStore) -> CacheStatus:
+    """Where the cache for these inputs stands, read-only: nothing is computed, moved or deleted.
+
+    complete: the finished folder verifies; damaged: it exists but fails its manifest (the next build moves it aside
+    and recomputes); partial: some shards are finished; absent: nothing yet.
+    """
+    key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
+    n = len(images.ids)
+    state = store.status(KIND, key)
+    if state != "absent":
+        return CacheStatus(key, state, n, n if state == "complete" else 0, store.folder(KIND, key))
+    partial = store.root / KIND / f".{key}.partial"
+    done = len(_finished_ids(partial, repair=False)) if partial.exists() else 0
+    return CacheStatus(key, "partial" if done else "absent", n, done, partial)
 
 
 def _next_shard_index(partial: Path) -> int:
@@ -291,7 +317,8 @@ class LogitsCache:
 
     @property
     def usable_ids(self) -> list[str]:
-        return [i for i, r in self.row.items() if self.ok[r]]
+        """Ids of the images the teacher scored, sorted: the order shards were written in is not part of the key."""
+        return sorted(i for i, r in self.row.items() if self.ok[r])
 
     def lookup(self, ids: Sequence[str], views: Sequence[int]) -> torch.Tensor:
         rows = torch.tensor([self.row[i] for i in ids])

@@ -1,4 +1,4 @@
-"""The teacher side of boosting: teacher identity, class text features (once), and image scoring.
+"""The teacher side of boosting: class text features (once) and image scoring.
 
 Teacher outputs are stored as cosine similarities `norm(T.img(view)) @ norm(W_T)ᵀ`; the boosting loop multiplies
 them by the *student's* logit scale (the reference does the same), so one cache serves any student and any
@@ -8,43 +8,25 @@ temperature.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from caspl.artifacts import ArtifactStore, content_key, sha256_file
+from caspl.artifacts import ArtifactStore, content_key
 from caspl.data.views import model_view_spec
 from caspl.models import LoadedCLIP, ModelSpec, load_clip
 from caspl.models.encoders import encode_image, encode_text
-from caspl.models.loading import _resolve_weights
 
 TEXT_KIND = "teacher_text"
 FEATURES_FILE = "text_features.safetensors"
 
 
-@lru_cache(maxsize=32)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
-
-
-def model_identity(spec: ModelSpec) -> dict:
-    """What determines a model's outputs: architecture, weight source and the weights' sha256."""
-    checkpoint, _ = _resolve_weights(spec)
-    digest = None
-    if checkpoint is not None:
-        stat = Path(checkpoint).stat()
-        digest = _file_digest(str(checkpoint), stat.st_size, stat.st_mtime_ns)
-    return {"name": spec.name, "pretrained": spec.pretrained, "quick_gelu": spec.quick_gelu,
-            "precision": spec.precision, "weights_sha256": digest}
-
-
 def teacher_text_features(teacher: LoadedCLIP, classnames: Sequence[str], template: str,
                           store: ArtifactStore) -> torch.Tensor:
     """L2-normalised teacher text features [C, D_T] for one template, computed once and cached."""
-    identity = model_identity(teacher.spec)
+    identity = teacher.identity
     key = content_key("teacher_text", identity, list(classnames), template)
 
     def build(folder: Path) -> dict:
@@ -75,7 +57,7 @@ class TeacherScorer:
         return (features.float() @ self.text.float().t()).cpu()
 
 
-def load_teacher(spec: ModelSpec) -> LoadedCLIP:
-    teacher = load_clip(spec)
+def load_teacher(spec: ModelSpec, resolved: tuple[str | None, dict] | None = None) -> LoadedCLIP:
+    teacher = load_clip(spec, resolved)
     teacher.model.requires_grad_(False)
     return teacher

@@ -16,8 +16,10 @@ from typing import Any
 
 from caspl.config import DataConfig, ModelConfig, RuntimeConfig, from_dict
 from caspl.errors import ConfigError
+from caspl.methods import BASE, list_methods, method_class, method_config
+from caspl.train.adapt import AdaptSection
+from caspl.train.boost import BoostSection
 
-BASE_METHODS = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
 PARAM_TYPES = ("int", "float", "categorical")
 
 
@@ -66,6 +68,21 @@ class ResourcesConfig:
     ray_num_cpus: int | None = None  # for a local Ray started by the study; ignored on a cluster
 
 
+@dataclass(kw_only=True)
+class StudyAdaptSection(AdaptSection):
+    """The study's adapting settings (every trial's), plus per-method defaults: `methods: {coop: {n_ctx: 4}}`."""
+
+    methods: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, values in self.methods.items():
+            if method_class(name).config_cls.kind != BASE or not isinstance(values, dict):
+                raise ConfigError(f"adapt.methods.{name}: expected a base method's settings, one of "
+                                  f"{list_methods(BASE)}")
+            method_config(name, **values)  # an unknown or invalid key fails here, at load time
+
+
 @dataclass
 class StudyConfig:
     name: str
@@ -74,8 +91,8 @@ class StudyConfig:
     data: DataConfig
     methods: list[str]
     search: SearchConfig = field(default_factory=SearchConfig)
-    boost: dict = field(default_factory=dict)  # BoostRunConfig fields (method, optim, cache, workers, …)
-    adapt: dict = field(default_factory=dict)  # AdaptRunConfig fields; `methods: {coop: {...}}` per-method defaults
+    boost: BoostSection = field(default_factory=BoostSection)  # the teacher is the study's own `teacher`
+    adapt: StudyAdaptSection = field(default_factory=StudyAdaptSection)
     baselines: bool = True  # also adapt each method without CasPL (once per method and seed) for comparison
     storage: str = "runs"  # Tune storage: a local path (relative to the current directory) or a URI
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -83,9 +100,12 @@ class StudyConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in BASE_METHODS]
+        base_methods = list_methods(BASE)
+        unknown = [m for m in self.methods if m not in base_methods]
         if unknown or not self.methods:
-            raise ConfigError(f"study.methods {self.methods} must be a non-empty list from {list(BASE_METHODS)}")
+            raise ConfigError(f"methods {self.methods} must be a non-empty list of base methods from {base_methods}")
+        if self.boost.teacher is not None:
+            raise ConfigError("boost.teacher: a study names its teacher once, at the top level (`teacher:`)")
         self.search.space = {name: from_dict(SearchParam, spec, f"search.space.{name}")
                              for name, spec in self.search.space.items()}
         if not self.search.space and not self.search.points_to_evaluate:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from caspl import __version__
-from caspl.artifacts import ArtifactStore, atomic_write_text
+from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict, to_dict
 from caspl.errors import ConfigError
 from caspl.study.config import StudyConfig
@@ -33,8 +32,8 @@ class PreparedStudy:
     teacher_cache_seconds: float = 0.0
 
 
-def prepare_study(study: StudyConfig, repo_root: Path) -> PreparedStudy:
-    """Validate the whole study without starting Ray: data, models, space, run configs, tracking."""
+def check_study(study: StudyConfig) -> SearchSpace:
+    """Validate what trials will build, without Ray or tracking: data, models, the space and every run config."""
     from caspl.data.registry import resolve_name
     from caspl.models import architecture_config
 
@@ -43,10 +42,16 @@ def prepare_study(study: StudyConfig, repo_root: Path) -> PreparedStudy:
     architecture_config(study.teacher.name)
     space = build_space(study, layers)
     _check_run_configs(study, space)
+    return space
+
+
+def prepare_study(study: StudyConfig, repo_root: Path, log: Callable[[str], None] = print) -> PreparedStudy:
+    """Validate the whole study without starting Ray: data, models, space, run configs, tracking."""
+    space = check_study(study)
     env_file = study.tracking.env_file
     if env_file is not None and not Path(env_file).is_absolute():
         env_file = repo_root / env_file
-    tracking = tracking_settings(env_file, study.tracking.tracking_uri, study.tracking.experiment)
+    tracking = tracking_settings(env_file, study.tracking.tracking_uri, study.tracking.experiment, log=log)
     check_tracking(tracking)
     storage = study.storage if "://" in study.storage else str(Path(study.storage).expanduser().resolve())
     experiment_dir = f"{storage.rstrip('/')}/{study.name}"
@@ -84,7 +89,7 @@ def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: 
     from caspl.study.report import summarise
     from caspl.study.trial import run_trial
 
-    prepared = prepare_study(study, repo_root)
+    prepared = prepare_study(study, repo_root, log)
     ensure_ray(num_cpus=study.resources.ray_num_cpus)
     if fresh and _remove_experiment(prepared.experiment_dir):
         log(f"[study] --fresh: removed {prepared.experiment_dir}")
@@ -175,9 +180,6 @@ def _study_tags(study: StudyConfig) -> dict:
 
 def _read_state(experiment_dir: str) -> dict:
     """The study's own state next to Tune's (the parent run id), from a local path or any URI Tune accepts."""
-    if "://" not in experiment_dir:
-        path = Path(experiment_dir) / STATE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
     fs, root = _filesystem(experiment_dir)
     path = f"{root}/{STATE_FILE}"
     if fs.get_file_info(path).type.name == "NotFound":
@@ -187,23 +189,17 @@ def _read_state(experiment_dir: str) -> dict:
 
 
 def _write_state(experiment_dir: str, state: dict) -> None:
-    if "://" not in experiment_dir:
-        Path(experiment_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(experiment_dir) / STATE_FILE, json.dumps(state, indent=1))
-        return
+    """Write the state atomically: a temporary object, then a move (a rename on local disks)."""
     fs, root = _filesystem(experiment_dir)
     fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{STATE_FILE}") as stream:  # object stores replace an object atomically
+    tmp = f"{root}/.{STATE_FILE}.{time.time_ns()}.tmp"
+    with fs.open_output_stream(tmp) as stream:
         stream.write(json.dumps(state, indent=1).encode())
+    fs.move(tmp, f"{root}/{STATE_FILE}")
 
 
 def _remove_experiment(experiment_dir: str) -> bool:
     """Delete a study's Tune folder (for --fresh); False when there is none."""
-    if "://" not in experiment_dir:
-        if not Path(experiment_dir).exists():
-            return False
-        shutil.rmtree(experiment_dir)
-        return True
     fs, root = _filesystem(experiment_dir)
     if fs.get_file_info(root).type.name == "NotFound":
         return False
@@ -211,7 +207,10 @@ def _remove_experiment(experiment_dir: str) -> bool:
     return True
 
 
-def _filesystem(uri: str):
+def _filesystem(location: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI (s3://, gs://, file://, ...): one code path."""
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(uri)
+    if "://" not in location:
+        return pyarrow.fs.LocalFileSystem(), str(Path(location).resolve())
+    return pyarrow.fs.FileSystem.from_uri(location)

@@ -8,7 +8,8 @@ from typing import Any
 
 from caspl.config import to_dict
 from caspl.errors import ConfigError
-from caspl.study.config import BASE_METHODS, SearchParam, StudyConfig
+from caspl.methods import BASE, list_methods
+from caspl.study.config import SearchParam, StudyConfig
 
 DEPTH_ALIASES = {"boost.depth": ("text_depth", "vision_depth"), "boost.length": ("text_length", "vision_length")}
 BOOST_DEPTHS = ("boost.depth", "boost.text_depth", "boost.vision_depth")
@@ -23,12 +24,13 @@ class SearchSpace:
     def __init__(self, methods: list[str], params: dict[str, dict]):
         self.methods = list(methods)
         self.params = params
+        self.base_methods = list_methods(BASE)
 
     def __call__(self, trial) -> None:
         method = trial.suggest_categorical("method", self.methods)
         for name, spec in self.params.items():
             owner = name.split(".", 1)[0]
-            if owner in BASE_METHODS and owner != method:
+            if owner in self.base_methods and owner != method:
                 continue
             if spec["type"] == "categorical":
                 trial.suggest_categorical(name, spec["choices"])
@@ -81,13 +83,13 @@ def _set_path(target: dict, dotted: str, value: Any) -> None:
 def trial_configs(study: StudyConfig, params: dict[str, Any], seed: int) -> tuple[str, dict, dict]:
     """(method, boost run config dict, adapt run config dict) for one trial's sampled parameters."""
     method = params["method"]
-    shared = {"student": to_dict(study.student), "data": to_dict(study.data), "runtime": to_dict(study.runtime)}
-    boost = {**copy.deepcopy(study.boost), **shared, "teacher": to_dict(study.teacher)}
-    boost.setdefault("method", {})
-    adapt = copy.deepcopy(study.adapt)
-    method_defaults = adapt.pop("methods", {}) or {}
-    adapt = {**adapt, **shared, "seeds": [seed]}
-    adapt["method"] = {"method": method, **copy.deepcopy(method_defaults.get(method, {}))}
+    shared = {"student": to_dict(study.student), "runtime": to_dict(study.runtime)}
+    boost = {**to_dict(study.boost), **shared, "teacher": to_dict(study.teacher),
+             "data": to_dict(study.boost.data or study.data)}
+    adapt = to_dict(study.adapt)
+    method_defaults = adapt.pop("methods")
+    adapt = {**adapt, **shared, "data": to_dict(study.data), "seeds": [seed],
+             "method": {"method": method, **copy.deepcopy(method_defaults.get(method, {}))}}
     for name, value in params.items():
         if name == "method" or name.startswith("__"):
             continue

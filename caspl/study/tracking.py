@@ -35,22 +35,28 @@ class TrackingSettings:
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
-    """KEY=VALUE lines of a dotenv file (comments and blank lines ignored)."""
-    values = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "=" not in line:
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
-        key, value = line.split("=", 1)
-        values[key.strip()] = value.strip().strip('"').strip("'")
-    return values
+    """The KEY=VALUE pairs of a dotenv file, parsed by python-dotenv (`export`, quotes and `# comments` handled)."""
+    from dotenv import dotenv_values
+
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"MLflow env file {path} cannot be read ({exc}); fix it or set tracking.env_file") from None
+    empty = [key for key, value in values.items() if value is None]
+    if empty:
+        raise ConfigError(f"{path}: line {empty[0]!r} has no '='; write KEY=VALUE")
+    return dict(values)
 
 
 def tracking_settings(env_file: str | Path | None, tracking_uri: str | None = None,
-                      experiment: str | None = None) -> TrackingSettings:
-    """Resolve settings: explicit arguments, then environment variables, then the env file, then defaults."""
+                      experiment: str | None = None, log=None) -> TrackingSettings:
+    """Resolve settings: explicit arguments, then environment variables, then the env file, then defaults.
+
+    Of the env file only MLflow's own keys (`MLFLOW_*`) are used: the tracking URI and experiment go into the
+    settings, the others (e.g. MLFLOW_DISABLE_TELEMETRY, credentials for a tracking server) into the environment
+    unless already set there. Any other key (PYTHONPATH, RAY_ADDRESS, ...) is ignored, so it cannot change how Ray
+    starts or which code runs.
+    """
     file_values: dict[str, str] = {}
     base = Path.cwd()
     if env_file is not None:
@@ -58,12 +64,15 @@ def tracking_settings(env_file: str | Path | None, tracking_uri: str | None = No
         if not env_path.is_file():
             raise ConfigError(f"MLflow env file {env_path} does not exist; create it or set tracking.env_file")
         file_values, base = read_env_file(env_path), env_path.parent
+        ignored = sorted(k for k in file_values if not k.startswith("MLFLOW_"))
+        if ignored and log is not None:
+            log(f"[study] {env_path.name}: ignoring non-MLflow keys {', '.join(ignored)}")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or file_values.get("MLFLOW_TRACKING_URI") \
         or "sqlite:///mlflow.db"
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or file_values.get("MLFLOW_EXPERIMENT_NAME") \
         or "caspl"
-    for key, value in file_values.items():  # e.g. MLFLOW_DISABLE_TELEMETRY; never override the caller's environment
-        if key not in ENV_KEYS:
+    for key, value in file_values.items():
+        if key.startswith("MLFLOW_") and key not in ENV_KEYS:
             os.environ.setdefault(key, value)
     return TrackingSettings(absolute_uri(uri, base), name)
 
