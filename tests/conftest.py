@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 METHOD_CASES: dict[str, dict] = {
     "zeroshot": {"method": "zeroshot"},
     "coop": {"method": "coop", "n_ctx": 4},
+    "kgcoop": {"method": "kgcoop", "n_ctx": 4, "ctx_init": None, "kg_weight": 8.0},
     "cocoop": {"method": "cocoop", "n_ctx": 4, "meta_hidden_ratio": 4},
     "ivlp": {"method": "ivlp", "text_length": 2, "vision_length": 3, "text_depth": 2, "vision_depth": 3,
              "ctx_init": None},
