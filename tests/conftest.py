@@ -30,6 +30,7 @@ METHOD_CASES: dict[str, dict] = {
     "ivlp": {"method": "ivlp", "text_length": 2, "vision_length": 3, "text_depth": 2, "vision_depth": 3,
              "ctx_init": None},
     "maple": {"method": "maple", "length": 2, "depth": 2},
+    "vpt": {"method": "vpt", "length": 3, "depth": 2},
     "promptsrc": {"method": "promptsrc", "text_length": 2, "vision_length": 2, "text_depth": 3, "vision_depth": 3,
                   "gpa_mean": 3.0, "gpa_std": 1.0},
 }

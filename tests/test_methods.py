@@ -168,6 +168,7 @@ VIT_B16_COUNTS = {  # derived in docs/prompt_state.md from widths 512 (text) / 7
     ("maple", (("length", 2), ("depth", 9))): 9 * 2 * 512 + 9 * (512 * 768 + 768),
     ("coop", (("n_ctx", 16),)): 16 * 512,
     ("kgcoop", (("n_ctx", 4),)): 4 * 512,
+    ("vpt", (("length", 8), ("depth", 12))): 12 * 8 * 768,
     ("cocoop", (("n_ctx", 8),)): 8 * 512 + (512 * 32 + 32) + (32 * 512 + 512),
 }
 
