@@ -57,6 +57,19 @@ def _write(tmp_path: Path, data: dict) -> Path:
     return path
 
 
+def test_every_registered_base_method_can_be_searched_in_a_study(tmp_path):
+    """Studies take their methods from the registry: each base method's trials build at both ends of the space."""
+    from caspl.methods import BASE, list_methods
+    from caspl.study.runner import check_study
+    from conftest import METHOD_CASES
+
+    methods = list_methods(BASE)
+    defaults = {m: {k: v for k, v in METHOD_CASES[m].items() if k != "method"} for m in methods}
+    study = load_study_config(tiny_study(tmp_path, methods=methods, **{"adapt.methods": defaults}))
+    space = check_study(study)
+    assert space.methods == methods and "coop.n_ctx" in space.params
+
+
 BAD_INPUTS = {
     "unknown method": ({"methods": ["coop", "nosuch"]}, "base methods"),
     "depth beyond the student": ({"search.space": {"boost.depth": {"type": "int", "low": 1, "high": 9}}},
