@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from caspl.config import from_dict, load_yaml
+from caspl.data.registry import resolve_name
 from caspl.models import architecture_config, list_architectures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +35,37 @@ def test_boost_configs(path):
 @pytest.mark.parametrize("path", _files("adapt"), ids=lambda p: p.name)
 def test_adapt_configs(path):
     from caspl.methods import config_from_dict
-    from caspl.train.adapt import AdaptRunConfig
+    from caspl.train.adapt import AdaptRunConfig, BoostSource
 
     cfg = from_dict(AdaptRunConfig, load_yaml(path))
     config_from_dict(cfg.method)
     architecture_config(cfg.student.name)
+    boost_data = [cfg.boost.data] if isinstance(cfg.boost, BoostSource) and cfg.boost.data else []
+    for data in [cfg.data, *cfg.targets, *boost_data]:
+        resolve_name(data.dataset)  # a registered dataset (or alias)
+
+
+DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def test_every_method_has_a_dg_config():
+    assert [p.name for p in _files("adapt") if p.name.endswith("_dg.yaml")] == [
+        f"{m}_dg.yaml" for m in ("cocoop", "coop", "ivlp", "maple", "promptsrc")]
+
+
+@pytest.mark.parametrize("path", [p for p in _files("adapt") if p.name.endswith("_dg.yaml")], ids=lambda p: p.name)
+def test_dg_configs_follow_the_paper_setting(path):
+    """Source ImageNet (16 shots, all classes), the four variants as targets, 4+4 boosting tokens at depth 1."""
+    from caspl.train.adapt import AdaptRunConfig
+
+    cfg = from_dict(AdaptRunConfig, load_yaml(path))
+    assert cfg.data.dataset == "imagenet" and cfg.shots == 16 and cfg.subsample == "all"
+    assert [resolve_name(t.dataset) for t in cfg.targets] == DG_TARGETS
+    boost = cfg.boost.method
+    assert (boost["text_length"], boost["vision_length"], boost["text_depth"], boost["vision_depth"]) == (4, 4, 1, 1)
+    assert cfg.boost.optim.batch_size == 128 and cfg.boost.data is None  # boosting on the source, ImageNet
+    paper = from_dict(AdaptRunConfig, load_yaml(path.with_name(path.name.replace("_dg", "_paper"))))
+    assert (cfg.method, cfg.optim) == (paper.method, paper.optim)  # the method's own paper hyperparameters
 
 
 @pytest.mark.parametrize("path", _files("study"), ids=lambda p: p.name)
