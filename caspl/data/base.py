@@ -42,6 +42,7 @@ class Dataset:
     val: list[Item]
     test: list[Item]
     root: str  # the dataset's own folder
+    test_only: bool = False  # an evaluation-only set (e.g. ImageNet-A): empty train/val, training on it is an error
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -54,6 +55,15 @@ class Dataset:
     def prompts(self, template: str | None = None) -> list[str]:
         """The class prompts of `template` (default: the dataset's own), one per class."""
         return [(template or self.template).format(name) for name in self.classnames]
+
+
+def check_trainable(dataset: Dataset) -> None:
+    """DataError when `dataset` is test-only (it has no train/val split to train or boost on)."""
+    if dataset.test_only:
+        raise DataError(
+            f"{dataset.name} ({dataset.root}) is a test-only dataset with no train/val split; train on its source "
+            f"dataset (e.g. imagenet) and list {dataset.name} under targets: (caspl eval --protocol dg)"
+        )
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -144,8 +154,9 @@ def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | N
 
     The selection is a function of the (sorted) item lists, k, val_k and seed only; with a store it is cached under
     kind "fewshot", outside the dataset folder, built once even by concurrent processes. `val_k=0` keeps no
-    validation images.
+    validation images. A test-only dataset is a DataError: a few-shot split is what training reads.
     """
+    check_trainable(dataset)
     train, val = _canonical(dataset.train), _canonical(dataset.val)
     val_k = min(k, 4) if val_k is None else val_k
     if store is None:

@@ -19,7 +19,7 @@ import torch
 
 from caspl.artifacts import ArtifactStore, content_key
 from caspl.config import DataConfig, ModelConfig, OptimConfig, RuntimeConfig, to_dict
-from caspl.data import build_dataset, subsample_classes
+from caspl.data import build_dataset, check_trainable, subsample_classes
 from caspl.data.base import load_image
 from caspl.data.views import model_view_spec, stack_views
 from caspl.distill.cache import (KIND, BuildReport, CacheConfig, CacheStatus, LogitsCache, UnlabeledImages,
@@ -103,6 +103,8 @@ class BoostInputs:
 def unlabeled_inputs(cfg: BoostRunConfig) -> tuple[list[str], str, UnlabeledImages]:
     """(class names scored, the dataset's template, the unlabeled images) of a boosting run; no teacher work."""
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.options)
+    if cfg.images != "test":
+        check_trainable(dataset)  # a test-only set (ImageNet-A, ...) has no train images to boost on
     scored = subsample_classes(dataset, cfg.classes)
     items = {"train": scored.train, "train+val": scored.train + scored.val, "test": scored.test}[cfg.images]
     return scored.classnames, dataset.template, UnlabeledImages.from_paths([i.path for i in items])
