@@ -63,7 +63,8 @@ def _command_modules() -> list:
 
     import caspl.commands
 
-    modules = [importlib.import_module(f"caspl.commands.{m.name}") for m in pkgutil.iter_modules(caspl.commands.__path__)]
+    names = [m.name for m in pkgutil.iter_modules(caspl.commands.__path__)]
+    modules = [importlib.import_module(f"caspl.commands.{name}") for name in names]
     return [m for m in modules if hasattr(m, "register")]
 
 

@@ -68,7 +68,8 @@ def build_variants(loaded, method: str, kind: str, n_classes: int) -> dict:
     from caspl.methods import build_prompted_clip
 
     clip = loaded.model
-    adapt, boost = method_settings(method, kind, len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
+    layers = len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks)
+    adapt, boost = method_settings(method, kind, *layers)
     classnames = [f"object number {i}" for i in range(n_classes)]
     variants = {}
     for name, boost_cfg in ((method, None), (f"{method}+caspl", boost)):

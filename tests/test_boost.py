@@ -11,7 +11,7 @@ import torch
 
 from caspl.artifacts import ArtifactStore
 from caspl.config import from_dict
-from caspl.data.views import ViewSpec, make_view, model_view_spec
+from caspl.data.views import ViewSpec, make_view
 from caspl.distill.cache import (CacheConfig, LogitsCache, UnlabeledImages, build_logits_cache, cache_key)
 from caspl.distill.loss import kd_loss
 from caspl.errors import DataError
@@ -69,7 +69,8 @@ def test_views_are_reproducible_from_id_view_and_seed():
     spec = ViewSpec(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.3, 1.0))
     a, b = make_view(image, "abc", 1, 0, spec), make_view(image, "abc", 1, 0, spec)
     assert torch.equal(a, b) and a.shape == (3, 32, 32)
-    others = [make_view(image, "abc", 2, 0, spec), make_view(image, "abd", 1, 0, spec), make_view(image, "abc", 1, 1, spec)]
+    others = [make_view(image, "abc", 2, 0, spec), make_view(image, "abd", 1, 0, spec),
+              make_view(image, "abc", 1, 1, spec)]
     assert all(not torch.equal(a, o) for o in others)
     assert {view_of("0000000a", e, 3) for e in range(3)} == {0, 1, 2}
 
@@ -162,8 +163,8 @@ def test_online_and_cached_teacher_give_the_same_loss_on_identical_views(tmp_pat
     sims_cached = cached.lookup(ids, views)
     student = torch.randn(6, len(inputs.classnames))
     assert torch.allclose(sims_online, sims_cached, atol=1e-5)
-    assert float(kd_loss(student, 50 * sims_online, 2.0)) == pytest.approx(float(kd_loss(student, 50 * sims_cached, 2.0)),
-                                                                          rel=1e-5)
+    online_loss, cached_loss = kd_loss(student, 50 * sims_online, 2.0), kd_loss(student, 50 * sims_cached, 2.0)
+    assert float(online_loss) == pytest.approx(float(cached_loss), rel=1e-5)
 
 
 def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
@@ -179,7 +180,8 @@ def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
     assert set(ddp_prompts) == {"boost.text.tokens", "boost.vision.tokens"}
     for key in single_prompts:
         assert torch.allclose(single_prompts[key], ddp_prompts[key], atol=1e-5), key
-    assert not torch.equal(single_prompts["boost.text.tokens"][1], torch.zeros_like(ddp_prompts["boost.text.tokens"][1]))
+    deeper = single_prompts["boost.text.tokens"][1]
+    assert not torch.equal(deeper, torch.zeros_like(ddp_prompts["boost.text.tokens"][1]))
     assert single.history[-1]["boost/kd_loss"] == pytest.approx(ddp.history[-1]["boost/kd_loss"], rel=1e-4)
     reused = run_boost(_boost_cfg(workers=0), store, progress=False, log=lambda s: None)
     assert reused.reused and reused.folder == ddp.folder

@@ -52,7 +52,8 @@ def test_every_base_method_ships_a_toy_and_a_paper_config():
     from caspl.methods import BASE, list_methods
 
     stems = {p.stem for p in _files("adapt")}
-    missing = [f"{m}_{kind}.yaml" for m in list_methods(BASE) for kind in ("toy", "paper") if f"{m}_{kind}" not in stems]
+    wanted = [f"{m}_{kind}" for m in list_methods(BASE) for kind in ("toy", "paper")]
+    missing = [f"{stem}.yaml" for stem in wanted if stem not in stems]
     assert not missing, f"add studies/configs/adapt/{missing[0]} (and the others: {missing})"
 
 

@@ -1,7 +1,6 @@
 """The study: config validation before Ray, an end-to-end tiny study with MLflow, resume after kill -9, and
 submission to a running Ray head with `ray job submit`."""
 
-import json
 import os
 import signal
 import socket

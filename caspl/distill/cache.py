@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caspl.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, sha256_file, write_manifest
+from caspl.artifacts import (ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, sha256_file,
+                             write_manifest)
 from caspl.data.base import load_image
 from caspl.data.views import make_view
 from caspl.errors import ConfigError, DataError
@@ -168,7 +169,8 @@ def _run_teacher(teacher, classnames, template, cfg, store, partial, todo, repor
     ds = ds.map_batches(
         TeacherActor,
         fn_constructor_kwargs=dict(
-            teacher=asdict(teacher), weights=resolve_checkpoint(teacher), store_root=str(store.root), classnames=list(classnames), template=template,
+            teacher=asdict(teacher), weights=resolve_checkpoint(teacher), store_root=str(store.root),
+            classnames=list(classnames), template=template,
             crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed, threads=max(1, int(cfg.actor_num_cpus))),
         compute=ActorPoolStrategy(size=cfg.actors),
         batch_size=cfg.batch_size,

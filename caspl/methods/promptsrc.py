@@ -64,7 +64,8 @@ class PromptSRC(IVLP):
 
     def load_training_state(self, state: dict | None) -> None:
         if state is None:
-            raise CheckpointError("this PromptSRC checkpoint holds no GPA state, so it cannot resume; delete it to restart")
+            raise CheckpointError("this PromptSRC checkpoint holds no GPA state, so it cannot resume; "
+                                  "delete it to restart")
         self.gpa.load_state_dict(state)
 
     def final_prompts(self) -> dict[str, torch.Tensor]:
@@ -93,7 +94,8 @@ class GaussianPromptAggregator:
         weight = float(self.weights[epoch - 1])
         for key, value in prompt_state.items():
             if value.is_floating_point():
-                self.total[key] = self.total.get(key, torch.zeros_like(value, dtype=torch.float64)) + weight * value.double()
+                start = self.total.get(key, torch.zeros_like(value, dtype=torch.float64))
+                self.total[key] = start + weight * value.double()
         self.epochs_done.append(epoch)
 
     def aggregated(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

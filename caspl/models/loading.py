@@ -129,7 +129,8 @@ def load_clip(spec: ModelSpec, resolved: tuple[str | None, dict] | None = None) 
     state_dict, is_openai_jit = (None, False) if checkpoint is None else read_state_dict(checkpoint)
     quick_gelu = _choose_quick_gelu(spec, tag_cfg, is_openai_jit)
     if checkpoint is not None and spec.quick_gelu is None and not tag_cfg and not is_openai_jit:
-        log.info("weights from %s: using quick_gelu=%s; set quick_gelu: true for OpenAI weights", checkpoint, quick_gelu)
+        log.info("weights from %s: using quick_gelu=%s; set quick_gelu: true for OpenAI weights",
+                 checkpoint, quick_gelu)
     with torch.random.fork_rng(devices=[]), _quiet_root_logger():
         torch.manual_seed(zlib.crc32(spec.name.encode()))  # random init is the same in every process (teacher actors)
         model = open_clip.create_model(

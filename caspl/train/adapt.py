@@ -130,7 +130,8 @@ def boost_method_of(folder: Path) -> dict:
 # --- the model ----------------------------------------------------------------------------------------------------
 
 
-def build_adapt_model(student: LoadedCLIP, method: MethodConfig | dict, boost_prompts: Path | None, seed: int) -> PromptedCLIP:
+def build_adapt_model(student: LoadedCLIP, method: MethodConfig | dict, boost_prompts: Path | None,
+                      seed: int) -> PromptedCLIP:
     """Student + adapting method (initialised from `seed`) + frozen boosting prompts loaded from their folder."""
     torch.manual_seed(seed)
     boost = boost_method_of(boost_prompts) if boost_prompts is not None else None
@@ -240,8 +241,8 @@ def run_adapt(cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None = None
     """Train (or resume, or just reload) one adapting run for `seed`.
 
     `boost_prompts`: the boosting prompt folder (default: resolved from `cfg.boost`). `folder`: where the run keeps
-    its checkpoint and result (default: `<store>/runs/adapt/<key>`). `on_epoch(metrics, model)` sees each epoch after the
-    checkpoint is written (raising there interrupts the run resumably).
+    its checkpoint and result (default: `<store>/runs/adapt/<key>`). `on_epoch(metrics, model)` sees each epoch
+    after the checkpoint is written (raising there interrupts the run resumably).
     """
     store = store or ArtifactStore(cfg.runtime.store)
     if cfg.runtime.threads:

@@ -8,8 +8,6 @@ content-addressed, so runs that share a config and teacher cache share the resul
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +108,8 @@ def unlabeled_inputs(cfg: BoostRunConfig) -> tuple[list[str], str, UnlabeledImag
     return scored.classnames, dataset.template, UnlabeledImages.from_paths([i.path for i in items])
 
 
-def prepare_boost(cfg: BoostRunConfig, store: ArtifactStore, *, progress: bool = True) -> tuple[BoostInputs, BuildReport]:
+def prepare_boost(cfg: BoostRunConfig, store: ArtifactStore, *,
+                  progress: bool = True) -> tuple[BoostInputs, BuildReport]:
     """Resolve classes and images; with a cached teacher, make sure its cache exists (computing only what is missing).
 
     An online teacher builds no cache: its run is keyed by the key the cache would have.
@@ -343,5 +342,6 @@ def _ray_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     if cfg.use_gpu:
-        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(ray.train.torch.get_device())))
+        device = str(ray.train.torch.get_device())
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
     train_boost(cfg, inputs, None, rank=rank, world=world, report=report, load_state=state)

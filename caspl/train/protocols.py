@@ -192,7 +192,8 @@ def domain_generalisation(cfg: AdaptRunConfig, targets: Sequence[DataConfig] | N
 
     Targets default to `cfg.targets`; each is scored against its own class list (ImageNet-A/-R: their 200 classes),
     and their names must all be source classes. Rows: seed, source and target accuracies, `targets_mean`, the source's
-    validation accuracy (`val`, what selected the epoch); the summary aggregates the accuracies over seeds. `extra` names the targets and the number of classes each was scored on.
+    validation accuracy (`val`, what selected the epoch); the summary aggregates the accuracies over seeds. `extra`
+    names the targets and the number of classes each was scored on.
     """
     cfg = replace(cfg, subsample="all")
     source, target_sets = load_dg_datasets(cfg.data, list(targets if targets is not None else cfg.targets))
