@@ -149,6 +149,16 @@ def load_clip(spec: ModelSpec, resolved: tuple[str | None, dict] | None = None) 
                       _identity(spec, checkpoint))
 
 
+def meta_clip(name: str) -> tuple[open_clip.CLIP, Any]:
+    """(architecture `name` on the meta device, its tokenizer): shapes without memory or weights, for checks and
+    cost estimates (build prompt modules on it inside `with torch.device("meta")`)."""
+    architecture_config(name)
+    with torch.device("meta"), _quiet_root_logger():
+        model = open_clip.create_model(name, pretrained=None, device="meta")
+        tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
+    return model, tokenizer
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Read a checkpoint file; returns (state_dict, is_openai_torchscript). A malformed file is a CheckpointError."""
     path = Path(path)
