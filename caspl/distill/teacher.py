@@ -21,6 +21,10 @@ from caspl.models.encoders import encode_image, encode_text
 
 TEXT_KIND = "teacher_text"
 FEATURES_FILE = "text_features.safetensors"
+# Views per teacher forward pass. Every pass has exactly this many rows (the last one padded): a matrix product's
+# rounding depends on its row count, so a view's scores would otherwise depend on which views shared its batch (up to
+# 6e-8 measured on CPU), and a resumed or differently batched cache would not equal an uninterrupted one bit for bit.
+FORWARD_VIEWS = 64
 
 
 def teacher_text_features(teacher: LoadedCLIP, classnames: Sequence[str], template: str,
@@ -43,7 +47,11 @@ def teacher_text_features(teacher: LoadedCLIP, classnames: Sequence[str], templa
 
 
 class TeacherScorer:
-    """Teacher image tower + fixed class text features: views [N, 3, S, S] -> cosine similarities [N, C]."""
+    """Teacher image tower + fixed class text features: views [N, 3, S, S] -> cosine similarities [N, C].
+
+    Views go through the tower in passes of exactly FORWARD_VIEWS rows, so a view's scores do not depend on the batch
+    it came in (bit for bit, whatever the order, batch size or restarts of a cache build).
+    """
 
     def __init__(self, teacher: LoadedCLIP, text_features: torch.Tensor, crop_scale: Sequence[float] = (0.08, 1.0)):
         self.teacher = teacher
@@ -52,9 +60,16 @@ class TeacherScorer:
 
     @torch.no_grad()
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        model = self.teacher.model
-        features = encode_image(model, views.to(self.text.device, dtype=model.logit_scale.dtype), normalize=True)
-        return (features.float() @ self.text.float().t()).cpu()
+        if len(views) == 0:
+            return torch.empty(0, len(self.text))
+        return torch.cat([self._score(chunk) for chunk in views.split(FORWARD_VIEWS)])
+
+    def _score(self, views: torch.Tensor) -> torch.Tensor:
+        """At most FORWARD_VIEWS views, padded with zeros to exactly that many rows for every product."""
+        model, n = self.teacher.model, len(views)
+        padded = torch.cat([views, views.new_zeros(FORWARD_VIEWS - n, *views.shape[1:])])
+        features = encode_image(model, padded.to(self.text.device, dtype=model.logit_scale.dtype), normalize=True)
+        return (features.float() @ self.text.float().t())[:n].cpu()
 
 
 def load_teacher(spec: ModelSpec, resolved: tuple[str | None, dict] | None = None) -> LoadedCLIP:
