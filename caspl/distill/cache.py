@@ -107,7 +107,7 @@ class TeacherActor:
         torch.set_num_threads(max(1, threads))
         loaded = load_teacher(ModelSpec(**teacher), weights)  # weights resolved by the driver: actors build nothing
         text = teacher_text_features(loaded, classnames, template, ArtifactStore(store_root))
-        self.scorer = TeacherScorer(loaded, text, crop_scale)
+        self.scorer = TeacherScorer(loaded, text, crop_scale, pass_size=FORWARD_VIEWS)
         self.spec = self.scorer.view_spec
         self.views, self.seed, self.n_classes = views, seed, len(classnames)
 
