@@ -180,8 +180,8 @@ def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
     assert ddp.key == single.key and not ddp.reused
     ddp_prompts, _ = read_prompt_state(ddp.prompts)
     assert set(ddp_prompts) == {"boost.text.tokens", "boost.vision.tokens"}
-    for key in single_prompts:
-        assert torch.allclose(single_prompts[key], ddp_prompts[key], atol=1e-5), key
+    for key in single_prompts:  # equal up to float rounding: measured 8.6e-6 on values up to 18.4 (README, DDP)
+        torch.testing.assert_close(ddp_prompts[key], single_prompts[key], rtol=1e-5, atol=1e-5, msg=key)
     deeper = single_prompts["boost.text.tokens"][1]
     assert not torch.equal(deeper, torch.zeros_like(ddp_prompts["boost.text.tokens"][1]))
     assert single.history[-1]["boost/kd_loss"] == pytest.approx(ddp.history[-1]["boost/kd_loss"], rel=1e-4)
