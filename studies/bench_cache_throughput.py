@@ -59,10 +59,11 @@ def raw_seconds(teacher, classnames, template, images, cfg, store) -> float:
 
     from caspl.data.base import load_image
     from caspl.data.views import make_view
-    from caspl.distill.teacher import TeacherScorer, load_teacher, teacher_text_features
+    from caspl.distill.teacher import FORWARD_VIEWS, TeacherScorer, load_teacher, teacher_text_features
 
     loaded = load_teacher(teacher)
-    scorer = TeacherScorer(loaded, teacher_text_features(loaded, classnames, template, store), cfg.crop_scale)
+    text = teacher_text_features(loaded, classnames, template, store)
+    scorer = TeacherScorer(loaded, text, cfg.crop_scale, pass_size=FORWARD_VIEWS)  # the passes the actors run
     views = [make_view(load_image(p), i, v, cfg.seed, scorer.view_spec)
              for i, p in zip(images.ids, images.paths) for v in range(cfg.views)]
     per_batch = cfg.batch_size * cfg.views

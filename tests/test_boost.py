@@ -81,15 +81,17 @@ def test_cache_builds_once_skips_corrupt_images_and_reuses(tmp_path, ray_local):
     first = build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, _cache_cfg(), store, progress=False)
     assert first.computed == 7 and first.teacher_views == 6 * 2
     assert len(first.skipped) == 1 and "unreadable image" in first.skipped[0]["error"]
+    assert "broken0.png" in first.skipped[0]["error"] and "\n" not in first.skipped[0]["error"]  # names the file
     manifest = json.loads((first.folder / "MANIFEST.json").read_text())
     assert manifest["meta"]["skipped"][0]["id"] == first.skipped[0]["id"]
     again = build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, _cache_cfg(), store, progress=False)
     assert again.computed == 0 and again.teacher_views == 0 and again.folder == first.folder
     cache = LogitsCache.open(store, first.key)
     assert len(cache.usable_ids) == 6 and cache.lookup(cache.usable_ids[:2], [0, 1]).shape == (2, 3)
-    with pytest.raises(DataError, match="cache.strict is on"):
-        build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, _cache_cfg(strict=True, seed=5), store,
-                           progress=False)
+    for strict in (_cache_cfg(strict=True), _cache_cfg(strict=True, seed=5)):  # the cache above, a new one
+        with pytest.raises(DataError, match="cache.strict is on") as caught:
+            build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, strict, store, progress=False)
+        assert "broken0.png" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_interrupted_build_keeps_finished_shards_and_recomputes_a_corrupt_one(tmp_path, ray_local):
@@ -178,8 +180,8 @@ def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
     assert ddp.key == single.key and not ddp.reused
     ddp_prompts, _ = read_prompt_state(ddp.prompts)
     assert set(ddp_prompts) == {"boost.text.tokens", "boost.vision.tokens"}
-    for key in single_prompts:
-        assert torch.allclose(single_prompts[key], ddp_prompts[key], atol=1e-5), key
+    for key in single_prompts:  # equal up to float rounding: measured 8.6e-6 on values up to 18.4 (README, DDP)
+        torch.testing.assert_close(ddp_prompts[key], single_prompts[key], rtol=1e-5, atol=1e-5, msg=key)
     deeper = single_prompts["boost.text.tokens"][1]
     assert not torch.equal(deeper, torch.zeros_like(ddp_prompts["boost.text.tokens"][1]))
     assert single.history[-1]["boost/kd_loss"] == pytest.approx(ddp.history[-1]["boost/kd_loss"], rel=1e-4)

@@ -37,11 +37,20 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _inspect(cfg, store) -> int:
+    """Print the cache's state; read-only throughout (a dataset or teacher that is not built yet stays unbuilt)."""
+    from caspl.artifacts import WouldBuildError, read_only
     from caspl.train.boost import inspect_teacher_cache
 
-    status = inspect_teacher_cache(cfg, store)
+    try:
+        with read_only():
+            status = inspect_teacher_cache(cfg, store)
+    except WouldBuildError as missing:  # its inputs are not built yet, so neither is the cache
+        print(json.dumps({"key": None, "state": "absent", "images": None, "images_done": 0, "folder": None,
+                          "shards_damaged": 0, "missing": f"{missing.kind}/{missing.key}"}, indent=1))
+        return 0
     print(json.dumps({"key": status.key, "state": status.state, "images": status.images,
-                      "images_done": status.images_done, "folder": str(status.folder)}, indent=1))
+                      "images_done": status.images_done, "folder": str(status.folder),
+                      "shards_damaged": status.shards_damaged}, indent=1))
     return 0
 
 

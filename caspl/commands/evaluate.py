@@ -8,10 +8,13 @@ from dataclasses import replace
 
 from caspl.commands.common import add_config_argument, load_config
 
+# The parser is built for every `caspl` call, `--help` included, so it names the protocols without importing
+# caspl.train.protocols (torch, open_clip: seconds); tests/test_cli.py checks these equal the protocol module's.
+PROTOCOLS = ("base2novel", "fewshot", "cross", "dg")
+FEW_SHOTS = (1, 2, 4, 8, 16)
+
 
 def register(subparsers) -> None:
-    from caspl.train.protocols import FEW_SHOTS, PROTOCOLS
-
     parser = subparsers.add_parser(
         "eval", help="evaluate a config by protocol (base2novel | fewshot | cross | dg), or saved prompts (--prompts)")
     add_config_argument(parser)

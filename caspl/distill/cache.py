@@ -8,6 +8,13 @@ ids). Layout under the artefact store:
 
 A shard holds, per image: id, ok flag, error message, and cosine similarities [V, C] for its V views. An unreadable
 image is skipped, counted and named (strict mode: an error). A shard whose checksum fails is deleted and recomputed.
+
+Failures: the driver checks the teacher's weights (keys and shapes, no model in memory) before Ray starts, so bad
+weights are one line, not a traceback per actor. A teacher actor that dies fails the Ray Data execution; the driver
+keeps every finished shard and starts a fresh pool for the images left (`cache.actor_restarts` times). Ray's own actor
+restarts stay off: Ray Data passes its pool's constructor state (the pickled map function with our constructor
+arguments, and its DataContext) as object-store references, for which Ray 2.60 does not guarantee a restart and logs
+an error line per actor when restarts are on (ray-project/ray#53727, #57733).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import io
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,15 +33,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caspl.artifacts import (ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, sha256_file,
-                             write_manifest)
+from caspl.artifacts import (ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, read_only,
+                             sha256_file, write_manifest)
 from caspl.data.base import load_image
 from caspl.data.views import make_view
+from caspl.distill.teacher import FORWARD_VIEWS
 from caspl.errors import ConfigError, DataError
-from caspl.models import ModelSpec, model_identity, resolve_checkpoint
+from caspl.models import ModelSpec, check_weights, model_identity, resolve_checkpoint
 
 KIND = "teacher_logits"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: scores in fixed-size teacher passes (bit-identical whatever the batching; see FORWARD_VIEWS)
 
 
 @dataclass
@@ -47,10 +56,13 @@ class CacheConfig:
     shard_size: int = 512  # images per shard file
     strict: bool = False  # an unreadable image is an error instead of a skip
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    actor_restarts: int = 3  # times a fresh actor pool takes over the images left after a teacher actor died
 
     def __post_init__(self):
         if self.views < 1 or self.actors < 1 or self.batch_size < 1 or self.shard_size < 1:
             raise ConfigError("cache.views, cache.actors, cache.batch_size and cache.shard_size must be >= 1")
+        if self.actor_restarts < 0:
+            raise ConfigError(f"cache.actor_restarts must be >= 0 (got {self.actor_restarts})")
 
 
 @dataclass
@@ -81,8 +93,8 @@ def _content_id(path: str) -> str:
 
 def cache_key(teacher_identity: dict, classnames: Sequence[str], template: str, cfg: CacheConfig,
               image_ids: Sequence[str]) -> str:
-    return content_key(CACHE_VERSION, teacher_identity, list(classnames), template, list(cfg.crop_scale),
-                       cfg.views, cfg.seed, list(image_ids))
+    return content_key(CACHE_VERSION, FORWARD_VIEWS, teacher_identity, list(classnames), template,
+                       list(cfg.crop_scale), cfg.views, cfg.seed, list(image_ids))
 
 
 class TeacherActor:
@@ -95,7 +107,7 @@ class TeacherActor:
         torch.set_num_threads(max(1, threads))
         loaded = load_teacher(ModelSpec(**teacher), weights)  # weights resolved by the driver: actors build nothing
         text = teacher_text_features(loaded, classnames, template, ArtifactStore(store_root))
-        self.scorer = TeacherScorer(loaded, text, crop_scale)
+        self.scorer = TeacherScorer(loaded, text, crop_scale, pass_size=FORWARD_VIEWS)
         self.spec = self.scorer.view_spec
         self.views, self.seed, self.n_classes = views, seed, len(classnames)
 
@@ -110,7 +122,7 @@ class TeacherActor:
                 errors.append("")
             except DataError as exc:
                 ok.append(False)
-                errors.append(str(exc)[:300])
+                errors.append(" ".join(str(exc).split())[:300])  # one line, whatever the decoder said
         sims = np.zeros((len(ids), self.views, self.n_classes), dtype=np.float32)
         if tensors:
             scores = self.scorer(torch.stack(tensors)).numpy().reshape(-1, self.views, self.n_classes)
@@ -143,58 +155,103 @@ def build_logits_cache(
     start = time.perf_counter()
     key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
     if (done := store.get(KIND, key)) is not None:
-        return BuildReport(done, key, reused=len(images.ids), skipped=_manifest_skips(done))
+        skipped = _manifest_skips(done)
+        _check_strict(cfg, skipped)  # built earlier without strict (strict is not part of the key)
+        return BuildReport(done, key, reused=len(images.ids), skipped=skipped)
+    resolved = resolve_checkpoint(teacher)
+    check_weights(teacher, resolved)  # bad weights: one line here, before anything is written or any actor starts
     partial = store.root / KIND / f".{key}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     finished = _finished_ids(partial)
     todo = [(i, p) for i, p in zip(images.ids, images.paths) if i not in finished]
     report = BuildReport(store.folder(KIND, key), key, reused=len(images.ids) - len(todo))
     if todo:
-        _run_teacher(teacher, classnames, template, cfg, store, partial, todo, report, progress)
+        actor_kwargs = dict(  # the driver's resolved weights: actors neither build nor download anything
+            teacher=asdict(teacher), weights=resolved, store_root=str(store.root), classnames=list(classnames),
+            template=template, crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed,
+            threads=max(1, int(cfg.actor_num_cpus)))
+        _run_teacher(actor_kwargs, cfg, partial, todo, report, progress)
     _finalise(partial, key, store, report, cfg, len(images.ids))
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _run_teacher(teacher, classnames, template, cfg, store, partial, todo, report, progress) -> None:
-    import ray.data
-    from ray.data import ActorPoolStrategy
+def _run_teacher(actor_kwargs: dict, cfg: CacheConfig, partial: Path, todo: list[tuple[str, str]],
+                 report: "BuildReport", progress: bool) -> None:
+    """Score `todo` through a Ray Data actor pool, one shard per `cfg.shard_size` images; survive dead actors."""
+    from ray.exceptions import RayActorError
 
     from caspl.ray_env import ensure_ray
 
     ensure_ray()
+    bar = _progress(len(todo), progress)
+    restarts = 0
+    while True:
+        try:
+            _stream_through_pool(actor_kwargs, cfg, partial, todo, report, bar)
+            break
+        except RayActorError as exc:
+            finished = _finished_ids(partial)
+            todo = [(i, p) for i, p in todo if i not in finished]
+            if restarts == cfg.actor_restarts:
+                raise RuntimeError(
+                    f"teacher actors died {restarts + 1} time(s) ({_first_line(exc)}); {len(todo)} images are left "
+                    f"and the finished shards are kept in {partial}: run again, and check the actors' memory "
+                    "(cache.batch_size, cache.actor_num_cpus/actor_num_gpus)") from exc
+            restarts += 1
+            print(f"[caspl] a teacher actor died ({_first_line(exc)}); a new actor pool takes the {len(todo)} "
+                  f"images left (restart {restarts} of {cfg.actor_restarts})", flush=True)
+    if bar is not None:
+        bar.close()
+
+
+def _stream_through_pool(actor_kwargs: dict, cfg: CacheConfig, partial: Path, todo: list[tuple[str, str]],
+                         report: "BuildReport", bar) -> None:
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = ray.data.from_items([{"id": i, "path": p} for i, p in todo])
-    ds = ds.map_batches(
-        TeacherActor,
-        fn_constructor_kwargs=dict(
-            teacher=asdict(teacher), weights=resolve_checkpoint(teacher), store_root=str(store.root),
-            classnames=list(classnames), template=template,
-            crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed, threads=max(1, int(cfg.actor_num_cpus))),
-        compute=ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size,
-        num_cpus=cfg.actor_num_cpus,
-        num_gpus=cfg.actor_num_gpus or None,
-        batch_format="numpy",
-    )
-    bar = _progress(len(todo), progress)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only through its deprecated **ray_remote_args: that deprecation is ours to
+        # handle (when Ray 2.64 removes them), not the user's, so it is not shown on every build.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(
+            TeacherActor,
+            fn_constructor_kwargs=actor_kwargs,
+            compute=ActorPoolStrategy(size=cfg.actors),
+            batch_size=cfg.batch_size,
+            num_cpus=cfg.actor_num_cpus,
+            num_gpus=cfg.actor_num_gpus or None,
+            batch_format="numpy",
+            max_restarts=0,  # restarts by the driver, from the finished shards (see the module docstring)
+            max_task_retries=0,
+        )
     next_shard = _next_shard_index(partial)
     for batch in ds.iter_batches(batch_size=cfg.shard_size, batch_format="numpy"):
+        skipped = [{"id": i, "error": e} for i, ok, e in zip(batch["id"], batch["ok"], batch["error"]) if not ok]
+        _check_strict(cfg, skipped)  # before the shard is written: a rerun meets the same error
         _write_shard(partial / f"shard-{next_shard:05d}.npz", batch)
         next_shard += 1
         n, n_ok = len(batch["id"]), int(batch["ok"].sum())
         report.computed += n
         report.teacher_views += n_ok * cfg.views
-        for image_id, ok, error in zip(batch["id"], batch["ok"], batch["error"]):
-            if not ok:
-                if cfg.strict:
-                    raise DataError(f"unreadable image {image_id}: {error} (cache.strict is on)")
-                print(f"[caspl] skipped image {image_id}: {error}")
+        for skip in skipped:
+            print(f"[caspl] skipped image {skip['id']}: {skip['error']}")
         if bar is not None:
             bar.update(n)
-    if bar is not None:
-        bar.close()
+
+
+def _check_strict(cfg: CacheConfig, skipped: list[dict]) -> None:
+    if cfg.strict and skipped:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise DataError(f"unreadable image {skipped[0]['id']}: {skipped[0]['error']}{more} (cache.strict is on)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 def _progress(total: int, enabled: bool):
@@ -252,6 +309,7 @@ class CacheStatus:
     images: int
     images_done: int
     folder: Path
+    shards_damaged: int = 0  # partial: shards that fail their checksum (the next build recomputes their images)
 
 
 def inspect_cache(teacher: ModelSpec, classnames: Sequence[str], template: str, images: UnlabeledImages,
@@ -259,16 +317,20 @@ def inspect_cache(teacher: ModelSpec, classnames: Sequence[str], template: str, 
     """Where the cache for these inputs stands, read-only: nothing is computed, moved or deleted.
 
     complete: the finished folder verifies; damaged: it exists but fails its manifest (the next build moves it aside
-    and recomputes); partial: some shards are finished; absent: nothing yet.
+    and recomputes); partial: some shards are finished; absent: nothing yet. Runs inside `read_only()`, so a weight
+    source that would have to build the teacher raises WouldBuildError instead.
     """
-    key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
-    n = len(images.ids)
-    state = store.status(KIND, key)
-    if state != "absent":
-        return CacheStatus(key, state, n, n if state == "complete" else 0, store.folder(KIND, key))
-    partial = store.root / KIND / f".{key}.partial"
-    done = len(_finished_ids(partial, repair=False)) if partial.exists() else 0
-    return CacheStatus(key, "partial" if done else "absent", n, done, partial)
+    with read_only():
+        key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
+        n = len(images.ids)
+        state = store.status(KIND, key)
+        if state != "absent":
+            return CacheStatus(key, state, n, n if state == "complete" else 0, store.folder(KIND, key))
+        partial = store.root / KIND / f".{key}.partial"
+        shards = _shards(partial) if partial.is_dir() else []
+        readable = [arrays for shard in shards if (arrays := _read_shard(shard, repair=False)) is not None]
+        done = len({i for arrays in readable for i in arrays["id"].tolist()})
+        return CacheStatus(key, "partial" if done else "absent", n, done, partial, len(shards) - len(readable))
 
 
 def _next_shard_index(partial: Path) -> int:
@@ -284,6 +346,7 @@ def _finalise(partial: Path, key: str, store: ArtifactStore, report: BuildReport
         if arrays is None:
             raise RuntimeError(f"teacher shard {shard} vanished while finishing the cache; run again")
         skipped += [{"id": i, "error": e} for i, ok, e in zip(arrays["id"], arrays["ok"], arrays["error"]) if not ok]
+    _check_strict(cfg, skipped)  # shards written by an earlier run without strict
     report.skipped = skipped
     write_manifest(partial, key, {"kind": KIND, "images": n_images, "views": cfg.views, "skipped": skipped})
     try:

@@ -6,6 +6,7 @@ from caspl.models.loading import (
     LoadedCLIP,
     ModelSpec,
     architecture_config,
+    check_weights,
     list_architectures,
     list_weight_sources,
     load_clip,
@@ -17,6 +18,6 @@ from caspl.models.prompts import PromptGroup
 
 __all__ = [
     "ADAPT", "BOOST", "Insert", "LoadedCLIP", "ModelSpec", "Outputs", "PromptGroup", "PromptedCLIP",
-    "architecture_config", "encode_image", "encode_text", "list_architectures", "list_weight_sources", "load_clip",
-    "model_identity", "register_weight_source", "resolve_checkpoint",
+    "architecture_config", "check_weights", "encode_image", "encode_text", "list_architectures", "list_weight_sources",
+    "load_clip", "model_identity", "register_weight_source", "resolve_checkpoint",
 ]
