@@ -10,13 +10,13 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from caspl import __version__
 from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict
-from caspl.study.config import load_study_config
+from caspl.study.config import StudyConfig, load_study_config
 from caspl.study.space import trial_configs
 from caspl.study.tracking import TrackingSettings, client, log_metrics, log_params, trial_run
 
@@ -24,28 +24,63 @@ TRIAL_STATE = "trial_state.json"
 
 
 def run_trial(config: dict, study: dict, context: dict) -> None:
+    """Tune's function trainable. A failure marks the trial's run FAILED before Tune sees it (Tune may retry the
+    trial from its last checkpoint: the retry reopens the same run); a worker or node that dies cannot, so the
+    driver settles every run's final status when the study ends."""
     from ray import tune
 
-    from caspl.train.adapt import AdaptRunConfig, load_dataset
-    from caspl.train.boost import BoostRunConfig, run_boost
+    from caspl.train.adapt import AdaptRunConfig
+    from caspl.train.boost import BoostRunConfig
 
     study_cfg = load_study_config(study)
     seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
     method, boost_dict, adapt_dict = trial_configs(study_cfg, params, seed)
-    boost_cfg = from_dict(BoostRunConfig, boost_dict, "boost")
     adapt_cfg = from_dict(AdaptRunConfig, adapt_dict, "adapt")
-    tracking = TrackingSettings(**context["tracking"])
-    store = ArtifactStore(context["store"])
+    run = TrialRun(study_cfg, params, seed, boost_dict, adapt_dict, from_dict(BoostRunConfig, boost_dict, "boost"),
+                   adapt_cfg, TrackingSettings(**context["tracking"]), ArtifactStore(context["store"]))
     trial_id = tune.get_context().get_trial_id()
     work = Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
     state = _restore(work)
-
-    run_id = trial_run(tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
+    run_id = trial_run(run.tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
                        tags={"method": method, "caspl.version": __version__, "caspl.seed": str(seed),
                              "caspl.adapt_config_hash": config_hash(adapt_cfg)},
                        known_run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = run_id
+    try:
+        _run(run, run_id, work, state)
+    except BaseException:
+        _mark_failed(run.tracking, run_id)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class TrialRun:
+    """One trial's inputs: the study, its sampled parameters and seed, and the run configs they give."""
+
+    study: StudyConfig
+    params: dict
+    seed: int
+    boost_dict: dict
+    adapt_dict: dict
+    boost_cfg: object  # BoostRunConfig
+    adapt_cfg: object  # AdaptRunConfig
+    tracking: TrackingSettings
+    store: ArtifactStore
+
+
+def _run(run: TrialRun, run_id: str, work: Path, state: dict) -> None:
+    """Boost (reused by key), adapt with per-epoch reports, score, log; or re-report a result already final."""
+    from ray import tune
+
+    from caspl.train.adapt import load_dataset
+    from caspl.train.boost import run_boost
+
+    study_cfg, params, seed, tracking, store = run.study, run.params, run.seed, run.tracking, run.store
+    boost_dict, adapt_dict, boost_cfg, adapt_cfg = run.boost_dict, run.adapt_dict, run.boost_cfg, run.adapt_cfg
+    trial_id = tune.get_context().get_trial_id()
     log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict), **_flat("adapt", adapt_dict)})
 
     if "final" in state:  # finished before a crash: report the same result again, touch nothing else
@@ -86,7 +121,14 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
     state["final"] = final
     _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
     _finish_mlflow(tracking, run_id, final)
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def _mark_failed(tracking: TrackingSettings, run_id: str) -> None:
+    """Best effort: the failure being raised may be MLflow's own."""
+    try:
+        client(tracking).set_terminated(run_id, "FAILED")
+    except Exception:
+        pass
 
 
 def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
