@@ -110,7 +110,7 @@ class AtomicLocalFileSystem(pafs.FileSystemHandler):
         self.local.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path):
-        shutil.rmtree(path)  # refuses a link at the top, unlinks (never follows) links inside
+        _remove_local(path)  # a link is unlinked, never followed
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
         if not os.path.isdir(path):
@@ -229,7 +229,7 @@ class StudyFolder:
     def check_owned(self) -> None:
         """ConfigError when the folder holds files but no study state: it belongs to something else."""
         fs, path = self.filesystem()
-        entries = _list(fs, path)
+        entries = [e for e in _list(fs, path) if not _leftover(e)]
         if entries and STATE_FILE not in entries:
             raise ConfigError(f"{self.path} holds files but no {STATE_FILE}: it is not a caspl study, so the study "
                               "neither writes into it nor deletes it; choose another name or storage")
@@ -249,7 +249,8 @@ class StudyFolder:
     def write_state(self, state: dict) -> None:
         fs, path = self.filesystem()
         fs.create_dir(path, recursive=True)
-        _write_atomic(fs, f"{path}/{STATE_FILE}", json.dumps(state, indent=1).encode())
+        with fs.open_output_stream(f"{path}/{STATE_FILE}") as stream:  # whole or absent (see the module docstring)
+            stream.write(json.dumps(state, indent=1).encode())
 
     # --- deletion (--fresh) ------------------------------------------------------------------------------------
     def remove(self) -> bool:
@@ -272,9 +273,9 @@ class StudyFolder:
         """True when Tune's files form a state to restore (after removing newer, partial sessions); otherwise
         clear Tune's files (the study state and summary stay) and return False."""
         fs, path = self.filesystem()
-        for leftover in _list(fs, path):  # temporary files and folders of writes a kill interrupted
-            if leftover.startswith(".") and leftover.endswith((".tmp", ".old")):
-                _delete(fs, f"{path}/{leftover}", missing_ok=True)
+        for entry in _list(fs, path):
+            if _leftover(entry):
+                _delete(fs, f"{path}/{entry}", missing_ok=True)
         entries = _list(fs, path)
         sessions = sorted((m.group(1) for m in map(_SESSION.match, entries) if m), reverse=True)
         if TUNER_FILE in entries:
@@ -342,6 +343,11 @@ def probe_writable(folder: Path, what: str) -> None:
                           "permissions") from None
 
 
+def _leftover(name: str) -> bool:
+    """A temporary file or folder of a write that a kill interrupted (see `_AtomicFile`, `publish`)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
 def _list(fs: pafs.FileSystem, path: str) -> list[str]:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return []
@@ -361,13 +367,3 @@ def _delete(fs: pafs.FileSystem, path: str, missing_ok: bool = False) -> None:
         fs.delete_file(path)
     elif not missing_ok:
         raise FileNotFoundError(path)
-
-
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    folder, name = path.rsplit("/", 1)
-    tmp = f"{folder}/.{name}.{time.time_ns()}.tmp"
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(data)
-    fs.move(tmp, path)
-
-

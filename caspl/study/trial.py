@@ -10,13 +10,14 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from caspl import __version__
 from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict
-from caspl.study.config import StudyConfig, load_study_config
+from caspl.study.config import load_study_config
 from caspl.study.space import trial_configs
 from caspl.study.tracking import TrackingSettings, client, log_metrics, log_params, trial_run
 
@@ -25,110 +26,94 @@ TRIAL_STATE = "trial_state.json"
 
 def run_trial(config: dict, study: dict, context: dict) -> None:
     """Tune's function trainable. A failure marks the trial's run FAILED before Tune sees it (Tune may retry the
-    trial from its last checkpoint: the retry reopens the same run); a worker or node that dies cannot, so the
+    trial from its last checkpoint, and the retry reopens the same run); a worker or node that dies cannot, so the
     driver settles every run's final status when the study ends."""
+    import ray
     from ray import tune
 
-    from caspl.train.adapt import AdaptRunConfig
-    from caspl.train.boost import BoostRunConfig
+    from caspl.train.adapt import AdaptRunConfig, load_dataset
+    from caspl.train.boost import BoostRunConfig, run_boost
 
     study_cfg = load_study_config(study)
     seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
     method, boost_dict, adapt_dict = trial_configs(study_cfg, params, seed)
+    boost_cfg = from_dict(BoostRunConfig, boost_dict, "boost")
     adapt_cfg = from_dict(AdaptRunConfig, adapt_dict, "adapt")
-    run = TrialRun(study_cfg, params, seed, boost_dict, adapt_dict, from_dict(BoostRunConfig, boost_dict, "boost"),
-                   adapt_cfg, TrackingSettings(**context["tracking"]), ArtifactStore(context["store"]))
+    tracking = TrackingSettings(**context["tracking"])
+    store = ArtifactStore(context["store"])
     trial_id = tune.get_context().get_trial_id()
     work = Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
     state = _restore(work)
-    run_id = trial_run(run.tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
+
+    run_id = trial_run(tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
                        tags={"method": method, "caspl.version": __version__, "caspl.seed": str(seed),
                              "caspl.adapt_config_hash": config_hash(adapt_cfg)},
                        known_run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = run_id
+    state["attempt"] = state.get("attempt", 0) + 1  # starts of this trial: retries after a failure, resumes
+    client(tracking).set_tag(run_id, "caspl.attempt", str(state["attempt"]))
+    client(tracking).set_tag(run_id, "caspl.node_id", ray.get_runtime_context().get_node_id())
+    with _guarded(tracking, run_id, work):
+        log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict),
+                                      **_flat("adapt", adapt_dict)})
+
+        if "final" in state:  # finished before a crash: report the same result again, touch nothing else
+            _finish_mlflow(tracking, run_id, state["final"])
+            tune.report(state["final"])
+            return
+
+        began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
+        boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
+        if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
+            for epoch in boost.history:
+                log_metrics(tracking, run_id, {k: v for k, v in epoch.items() if k.startswith("boost/")},
+                            epoch["epoch"])
+            client(tracking).set_tag(run_id, "caspl.boost_key", boost.key)
+            client(tracking).set_tag(run_id, "caspl.teacher_cache_key", boost.cache_key)
+
+        dataset = load_dataset(adapt_cfg.data)
+        final_extra = {}
+        if study_cfg.baselines:  # the method without CasPL; its run is content-addressed, so it trains once per study
+            alone = adapt_and_evaluate(replace(adapt_cfg, boost=None), seed, store, dataset, boost_prompts=None)
+            final_extra = {f"baseline_{split}_{k}": v for split in ("val", "test") for k, v in alone[split].items()}
+
+        def on_epoch(metrics: dict, model) -> None:
+            val = validation_hm(model, dataset)
+            log_metrics(tracking, run_id, {**{f"adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
+                                           **{f"adapt/val_{k}": v for k, v in val.items()}}, metrics["epoch"])
+            _report(work, state, {"phase": "adapt", "epoch": metrics["epoch"], "val_hm": val["hm"],
+                                  "trial_id": trial_id})
+
+        result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
+        if "adapt/loss" not in client(tracking).get_run(run_id).data.metrics:  # a reused run trained no epoch here
+            for epoch in result["history"]:
+                log_metrics(tracking, run_id, {f"adapt/{k}": v for k, v in epoch.items() if k != "epoch"},
+                            epoch["epoch"])
+        final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
+                 "compute_seconds": time.perf_counter() - began,
+                 **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
+        if client(tracking).get_run(run_id).info.status != "FINISHED":
+            _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
+        state["final"] = final
+        _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
+        _finish_mlflow(tracking, run_id, final)
+
+
+@contextmanager
+def _guarded(tracking: TrackingSettings, run_id: str, work: Path):
+    """Mark the run FAILED when the block raises (best effort: the failure may be MLflow's own) and re-raise;
+    remove the trial's work folder either way."""
     try:
-        _run(run, run_id, work, state)
+        yield
     except BaseException:
-        _mark_failed(run.tracking, run_id)
+        try:
+            client(tracking).set_terminated(run_id, "FAILED")
+        except Exception:
+            pass
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-@dataclass
-class TrialRun:
-    """One trial's inputs: the study, its sampled parameters and seed, and the run configs they give."""
-
-    study: StudyConfig
-    params: dict
-    seed: int
-    boost_dict: dict
-    adapt_dict: dict
-    boost_cfg: object  # BoostRunConfig
-    adapt_cfg: object  # AdaptRunConfig
-    tracking: TrackingSettings
-    store: ArtifactStore
-
-
-def _run(run: TrialRun, run_id: str, work: Path, state: dict) -> None:
-    """Boost (reused by key), adapt with per-epoch reports, score, log; or re-report a result already final."""
-    from ray import tune
-
-    from caspl.train.adapt import load_dataset
-    from caspl.train.boost import run_boost
-
-    study_cfg, params, seed, tracking, store = run.study, run.params, run.seed, run.tracking, run.store
-    boost_dict, adapt_dict, boost_cfg, adapt_cfg = run.boost_dict, run.adapt_dict, run.boost_cfg, run.adapt_cfg
-    trial_id = tune.get_context().get_trial_id()
-    log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict), **_flat("adapt", adapt_dict)})
-
-    if "final" in state:  # finished before a crash: report the same result again, touch nothing else
-        _finish_mlflow(tracking, run_id, state["final"])
-        tune.report(state["final"])
-        return
-
-    began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
-    boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
-    if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
-        for epoch in boost.history:
-            log_metrics(tracking, run_id, {k: v for k, v in epoch.items() if k.startswith("boost/")}, epoch["epoch"])
-        client(tracking).set_tag(run_id, "caspl.boost_key", boost.key)
-        client(tracking).set_tag(run_id, "caspl.teacher_cache_key", boost.cache_key)
-
-    dataset = load_dataset(adapt_cfg.data)
-    final_extra = {}
-    if study_cfg.baselines:  # the method without CasPL; its run is content-addressed, so it trains once per study
-        alone = adapt_and_evaluate(replace(adapt_cfg, boost=None), seed, store, dataset, boost_prompts=None)
-        final_extra = {f"baseline_{split}_{k}": v for split in ("val", "test") for k, v in alone[split].items()}
-
-    def on_epoch(metrics: dict, model) -> None:
-        val = validation_hm(model, dataset)
-        log_metrics(tracking, run_id, {**{f"adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
-                                       **{f"adapt/val_{k}": v for k, v in val.items()}}, metrics["epoch"])
-        _report(work, state, {"phase": "adapt", "epoch": metrics["epoch"], "val_hm": val["hm"],
-                              "trial_id": trial_id})
-
-    result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
-    if "adapt/loss" not in client(tracking).get_run(run_id).data.metrics:  # a reused run trained no epoch here
-        for epoch in result["history"]:
-            log_metrics(tracking, run_id, {f"adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
-    final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
-             "compute_seconds": time.perf_counter() - began,
-             **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
-    if client(tracking).get_run(run_id).info.status != "FINISHED":
-        _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
-    state["final"] = final
-    _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
-    _finish_mlflow(tracking, run_id, final)
-
-
-def _mark_failed(tracking: TrackingSettings, run_id: str) -> None:
-    """Best effort: the failure being raised may be MLflow's own."""
-    try:
-        client(tracking).set_terminated(run_id, "FAILED")
-    except Exception:
-        pass
 
 
 def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
