@@ -7,7 +7,7 @@ it exits 0, the MLflow experiment holds one parent run (FINISHED) and exactly th
 each FINISHED with test metrics and a distinct trial, the published summary says FINISHED, and a sibling folder
 in the storage is byte-for-byte unchanged.
 
-    python studies/check_resume_instants.py                   # the embedded default study, smoke-sized
+    python studies/check_resume_instants.py                   # studies/configs/study/tiny_check.yaml, 16 rounds
     python studies/check_resume_instants.py --config my.yaml --instants 30
 
 Prints one JSON line: each round's instant (the path killed at, seconds after start) and the final checks.
@@ -33,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SWEEP = REPO / "studies" / "boost_sweep.py"
+CONFIG = REPO / "studies" / "configs" / "study" / "tiny_check.yaml"
 
 
 def nth_path(n: int) -> Callable[[list[str]], str | None]:
@@ -136,22 +137,21 @@ def kill_at_instants(data: dict, work: Path, instants: int, env: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="study YAML (default: the embedded default, smoke-sized)")
+    parser.add_argument("--config", default=str(CONFIG), help="study YAML (default: %(default)s)")
     parser.add_argument("--instants", type=int, default=16, help="rounds, each killed one path later")
     parser.add_argument("--smoke-test", action="store_true", help="4 instants")
     parser.add_argument("--work", help="folder for storage, MLflow and logs (default: a new temporary folder)")
     args = parser.parse_args(argv)
 
     from caspl.config import load_yaml
-    from studies.boost_sweep import DEFAULT_CONFIG, smoke_overrides
 
-    data = load_yaml(args.config) if args.config else smoke_overrides(load_yaml(DEFAULT_CONFIG))
+    data = load_yaml(args.config)
     work = Path(args.work or tempfile.mkdtemp(prefix="caspl-resume-instants-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data["storage"] = str(work / "runs")
     data["tracking"] = {"env_file": None, "tracking_uri": f"sqlite:///{work}/mlflow.db",
                         "experiment": data.get("tracking", {}).get("experiment") or "resume_instants"}
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     report = kill_at_instants(data, work, 4 if args.smoke_test else args.instants, env)
     report["work"] = str(work)
     print(json.dumps(report))

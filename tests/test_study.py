@@ -406,6 +406,18 @@ def test_study_survives_kills_at_startup_instants_kill_9_and_ctrl_c_with_one_run
     assert folder_digest(sibling) == sibling_before
 
 
+@pytest.mark.slow
+def test_a_trial_on_a_lost_node_resumes_on_the_other_from_its_last_epoch(tmp_path):
+    """`studies/check_node_loss.py --smoke-test`: a two-node local cluster loses the node of a running trial."""
+    done = subprocess.run([sys.executable, str(REPO / "studies" / "check_node_loss.py"), "--smoke-test",
+                           "--work", str(tmp_path)], capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and reports and reports[0]["ok"], done.stdout[-3000:] + done.stderr[-3000:]
+    first = reports[0]
+    assert first["exit_code"] == 0 and first["trials"] == 2 and all(first["checks"].values())
+    assert first["resumed_at_epoch"] == first["epochs_before_kill"] + 1
+
+
 def _stop_head(temp_dir: str) -> None:
     """Stop only this test's head: `ray stop` would also kill the Ray that other tests share."""
     for proc in Path("/proc").iterdir():
@@ -499,6 +511,27 @@ def test_a_parent_run_created_but_not_recorded_is_found_again_by_the_study_uid(t
     close_open_runs(settings, first, "KILLED")  # what a failure or interrupt after the start does
     runs = {r.info.run_id: r.info.status for r in _runs(tmp_path / "mlflow.db", "uid")}
     assert runs[first] == runs[child] == "KILLED"
+
+
+def test_signals_outside_tune_raise_and_inside_tune_are_noted_and_handed_to_its_graceful_stop():
+    from caspl.study import signals
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(signals.Interrupted) as raised, signals.handled():
+        os.kill(os.getpid(), signal.SIGTERM)  # outside Tuner.fit: the study stops here
+        time.sleep(1)
+    assert raised.value.exit_code == 143 and signal.getsignal(signal.SIGINT) is before
+    tune_stops = []
+    with signals.handled() as interrupts:
+        signal.signal(signal.SIGINT, lambda signum, frame: tune_stops.append(signum))  # what Tune.fit installs
+        signals.InterruptWatch().setup()  # Tune calls this inside fit, after installing its handler
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert interrupts.signum == signal.SIGINT and tune_stops == [signal.SIGINT]
+        with pytest.raises(signals.Interrupted):  # a second signal does not wait for the graceful stop
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # --- the study folder: guarded deletes, Tune's sessions, atomic summaries ----------------------------------------

@@ -181,10 +181,6 @@ class StudyFolder:
     def path(self) -> str:
         return f"{self.storage}/{self.name}"
 
-    @property
-    def summary_path(self) -> str:
-        return f"{self.path}/{SUMMARY_DIR}"
-
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         """(filesystem, the folder's path in it): Tune's `storage_filesystem` and ours."""
         if self.is_local:
@@ -207,9 +203,7 @@ class StudyFolder:
         storage, folder = Path(self.storage), Path(self.path)
         if storage.exists() and not storage.is_dir():
             raise ConfigError(f"storage {storage} is a file, not a folder; point storage at a folder")
-        if folder.is_symlink():
-            raise ConfigError(f"study folder {folder} is a symbolic link; a study writes only into its own folder "
-                              "(remove the link or choose another name)")
+        self.check_ours()
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"study folder {folder} is a file; remove it or choose another name")
         if folder.resolve().parent != storage.resolve():
@@ -223,11 +217,14 @@ class StudyFolder:
         if store is not None and store.resolve() in folder.parents:
             raise ConfigError(f"study folder {folder} lies inside the artefact store {store.resolve()}; choose a "
                               "storage outside it")
-        self.check_owned()
         probe_writable(storage, "storage")
 
-    def check_owned(self) -> None:
-        """ConfigError when the folder holds files but no study state: it belongs to something else."""
+    def check_ours(self) -> None:
+        """ConfigError when the folder is a link (on a local disk) or holds files but no study state: then it
+        belongs to something else, and the study neither writes into it nor deletes it."""
+        if self.is_local and Path(self.path).is_symlink():
+            raise ConfigError(f"study folder {self.path} is a symbolic link; a study writes only into its own folder "
+                              "(remove the link or choose another name)")
         fs, path = self.filesystem()
         entries = [e for e in _list(fs, path) if not _leftover(e)]
         if entries and STATE_FILE not in entries:
@@ -256,7 +253,7 @@ class StudyFolder:
     def remove(self) -> bool:
         """Delete the study folder (False when there is none). The state is marked `deleting` first and removed
         last, so a kill halfway leaves a folder that the next run recognises and finishes deleting."""
-        self.check_owned()
+        self.check_ours()
         fs, path = self.filesystem()
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return False
@@ -349,7 +346,8 @@ def _leftover(name: str) -> bool:
 
 
 def _list(fs: pafs.FileSystem, path: str) -> list[str]:
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    """Names in folder `path`; none when it is missing or not a folder."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
 
