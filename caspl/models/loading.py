@@ -255,6 +255,15 @@ def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], checkpoi
     return state
 
 
+def check_weight_source(spec: ModelSpec) -> None:
+    """The checks of `resolve_checkpoint` that need no building and no download: a registered weight source or a
+    tag of the architecture is accepted as named, a file must exist, anything else is a one-line error."""
+    source = spec.pretrained
+    if source is None or source in _WEIGHT_SOURCES or open_clip.get_pretrained_cfg(spec.name, source):
+        return
+    _checkpoint_file(spec)
+
+
 def resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, dict]:
     """(local checkpoint path or None for random init, the open_clip tag's config or {}) for `spec.pretrained`."""
     source = spec.pretrained
@@ -265,10 +274,15 @@ def resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, dict]:
     tag_cfg = open_clip.get_pretrained_cfg(spec.name, source)
     if tag_cfg:
         return _download_tag(spec, tag_cfg), tag_cfg
+    return _checkpoint_file(spec), {}
+
+
+def _checkpoint_file(spec: ModelSpec) -> str:
+    source = spec.pretrained
     if os.path.sep in source or Path(source).suffix:
         if not Path(source).expanduser().is_file():
             raise CheckpointError(f"checkpoint file {source} does not exist; check the path in `pretrained`")
-        return str(Path(source).expanduser().resolve()), {}
+        return str(Path(source).expanduser().resolve())
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
     shown = ", ".join(tags[:4]) + (f", … ({len(tags)} in all)" if len(tags) > 4 else "") if tags else "none"
     raise ConfigError(f"pretrained {source!r} is neither a file, a tag of {spec.name} (tags: {shown}) nor a "

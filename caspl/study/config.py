@@ -11,16 +11,25 @@ An upper bound `max` stands for the student's layer count. `method` itself is al
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from caspl.config import DataConfig, ModelConfig, RuntimeConfig, from_dict
-from caspl.errors import ConfigError
+from caspl.errors import ConfigError, FieldError
 from caspl.methods import BASE, list_methods, method_class, method_config
 from caspl.train.adapt import AdaptSection
 from caspl.train.boost import BoostSection
 
 PARAM_TYPES = ("int", "float", "categorical")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a folder name and a Tune experiment name
+
+
+def check_study_name(name: str) -> None:
+    """ConfigError unless `name` is a safe identifier: it names the study's folder under the storage."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise ConfigError(f"study name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit (it names the study's folder under storage)")
 
 
 @dataclass
@@ -39,6 +48,15 @@ class SearchParam:
             raise ConfigError("a categorical search parameter needs a non-empty `choices` list")
         if self.type != "categorical" and (self.low is None or self.high is None):
             raise ConfigError(f"an {self.type} search parameter needs `low` and `high`")
+        if self.type == "categorical" and not all(isinstance(c, (bool, int, float, str)) for c in self.choices):
+            raise FieldError("choices", f"must be numbers or strings, got {self.choices}")
+        if self.type == "int" and not all(_is_int(v) for v in (self.low, self.high, self.step) if v != "max"):
+            raise FieldError("low", f"high and step of an int parameter must be integers (got {self.low}, "
+                                    f"{self.high}, {self.step})")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise FieldError("step", f"must be > 0 and cannot be combined with log: true (got {self.step})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise FieldError("low", f"must be > 0 for a log-scaled parameter, got {self.low}")
 
 
 @dataclass
@@ -49,9 +67,26 @@ class SearchConfig:
     searcher_seed: int = 0
     max_concurrent: int = 2
     points_to_evaluate: list[dict] = field(default_factory=list)
-    scheduler: str | None = None  # None or "asha" (on per-epoch validation HM)
+    scheduler: Literal["asha"] | None = None  # None or "asha" (on per-epoch validation HM)
     grace_period: int = 1
     reduction_factor: int = 2
+
+    def __post_init__(self):
+        for name, minimum in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1),
+                              ("reduction_factor", 2)):
+            if getattr(self, name) < minimum:
+                raise FieldError(name, f"must be >= {minimum}, got {getattr(self, name)}")
+        if not self.seeds:
+            raise FieldError("seeds", "must name at least one adapting seed, e.g. [1]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise FieldError("seeds", f"repeats a seed ({self.seeds}); each seed is one repeat")
+        if not all(isinstance(point, dict) for point in self.points_to_evaluate):
+            raise FieldError("points_to_evaluate", "must be a list of {parameter: value} mappings")
+
+    @property
+    def trials(self) -> int:
+        """The number of trials the study runs: each sampled configuration once per seed."""
+        return self.num_samples * len(self.seeds)
 
 
 @dataclass
@@ -60,12 +95,27 @@ class TrackingConfig:
     tracking_uri: str | None = None  # overrides the env file
     experiment: str | None = None
 
+    def __post_init__(self):
+        if self.experiment is not None and not self.experiment.strip():
+            raise FieldError("experiment", "must be a non-empty MLflow experiment name (or null for the env file's)")
+
 
 @dataclass
 class ResourcesConfig:
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
     ray_num_cpus: int | None = None  # for a local Ray started by the study; ignored on a cluster
+    max_failures: int = 2  # retries of a trial whose worker process or node died, each from its last checkpoint
+
+    def __post_init__(self):
+        if not self.trial_cpus > 0:
+            raise FieldError("trial_cpus", f"must be > 0 (a small fraction is fine), got {self.trial_cpus}")
+        if self.trial_gpus < 0:
+            raise FieldError("trial_gpus", f"must be >= 0, got {self.trial_gpus}")
+        if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
+            raise FieldError("ray_num_cpus", f"must be >= 1 (or null for all cores), got {self.ray_num_cpus}")
+        if self.max_failures < 0:
+            raise FieldError("max_failures", f"must be >= 0, got {self.max_failures}")
 
 
 @dataclass(kw_only=True)
@@ -100,10 +150,12 @@ class StudyConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
+        check_study_name(self.name)
         base_methods = list_methods(BASE)
         unknown = [m for m in self.methods if m not in base_methods]
-        if unknown or not self.methods:
-            raise ConfigError(f"methods {self.methods} must be a non-empty list of base methods from {base_methods}")
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods {self.methods} must be a non-empty list of distinct base methods from "
+                              f"{base_methods}")
         if self.boost.teacher is not None:
             raise ConfigError("boost.teacher: a study names its teacher once, at the top level (`teacher:`)")
         self.search.space = {name: from_dict(SearchParam, spec, f"search.space.{name}")
@@ -114,3 +166,7 @@ class StudyConfig:
 
 def load_study_config(data: dict) -> StudyConfig:
     return from_dict(StudyConfig, copy.deepcopy(data))
+
+
+def _is_int(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value))

@@ -25,7 +25,7 @@ from functools import lru_cache
 from caspl.models import architecture_config
 from caspl.models.flops import image_flops, text_flops
 from caspl.study.config import StudyConfig
-from caspl.study.space import SearchSpace, trial_configs
+from caspl.study.space import SearchSpace, range_ends, trial_configs
 
 TRAIN_FACTOR = 2.0  # forward + backward through frozen weights, relative to a forward pass
 
@@ -79,7 +79,7 @@ def price_study(study: StudyConfig, space: SearchSpace, dataset: DatasetSize) ->
     for end in ("low", "high"):
         cost.boost[end], cost.adapt[end] = PhaseCost(), PhaseCost()
         for method in study.methods:
-            params = corner_params(space, study.methods, method, 0 if end == "low" else -1)
+            params = corner_params(space, method, 0 if end == "low" else -1)
             _, boost, adapt = trial_configs(study, params, study.search.seeds[0])
             boost_run, adapt_run = from_dict(BoostRunConfig, boost, "boost"), from_dict(AdaptRunConfig, adapt, "adapt")
             share = 1 / len(study.methods)  # Optuna's trials spread over the methods; priced as an even share
@@ -91,16 +91,10 @@ def price_study(study: StudyConfig, space: SearchSpace, dataset: DatasetSize) ->
     return cost
 
 
-def corner_params(space: SearchSpace, methods: list[str], method: str, end: int) -> dict:
+def corner_params(space: SearchSpace, method: str, end: int) -> dict:
     """The sampled parameters of a `method` trial with every searched value at one end of its range."""
-    params = {"method": method}
-    for name, spec in space.params.items():
-        owner = name.split(".", 1)[0]
-        if owner in methods and owner != method:
-            continue
-        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
-        params[name] = int(values[end]) if spec["type"] == "int" else values[end]
-    return params
+    return {"method": method, **{name: range_ends(spec)[end] for name, spec in space.params.items()
+                                 if space.applies(name, method)}}
 
 
 def _boost_images(which: str, dataset: DatasetSize) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from caspl.study.tracking import client, log_metrics, log_params
@@ -16,12 +17,13 @@ SEARCHED_PREFIXES = ("boost.", "adapt.")
 
 
 def trial_rows(results) -> list[dict]:
+    """One row per trial Tune knows: its id (its folder's name), parameters, seed index, metrics, error."""
     rows = []
     for result in results:
         config = dict(result.config or {})
         metrics = dict(result.metrics or {})
-        rows.append({"trial_id": metrics.get("trial_id"), "params": {k: v for k, v in config.items()
-                                                                      if not k.startswith("__")},
+        rows.append({"trial_id": PurePosixPath(result.path).name,
+                     "params": {k: v for k, v in config.items() if not k.startswith("__")},
                      "seed_index": config.get("__trial_index__", 0), "metrics": metrics,
                      "done": bool(metrics.get("finished")), "error": str(result.error) if result.error else None})
     return rows
@@ -100,45 +102,49 @@ def plot_summary(entries: list[dict], param_names: list[str], folder: Path) -> l
     return written + [path]
 
 
-def summarise(prepared, results, parent_run_id: str, seconds: float, log: Callable[[str], None]) -> dict:
-    rows = trial_rows(results)
-    entries = group_by_config(rows)
+def summarise(prepared, rows: list[dict], parent_run_id: str, seconds: float, verdict: dict,
+              log: Callable[[str], None]) -> dict:
+    """Write the summary (JSON, table, plots) to a fresh folder, log it to the parent run, and publish it in the
+    study folder (`<storage>/<name>/summary`, swapped in whole): only this run's files, never another study's."""
+    entries = group_by_config([row for row in rows if row["metrics"].get("finished")])
     param_names = list(prepared.space.params)
-    folder = Path(prepared.store.root) / "study_summaries" / prepared.study.name
-    folder.mkdir(parents=True, exist_ok=True)
-    summary = {"study": prepared.study.name, "trials": len(rows), "finished": sum(r["done"] for r in rows),
+    summary = {"study": prepared.study.name, "status": verdict["status"], "exit_code": verdict["exit_code"],
+               "message": verdict["message"], "expected_trials": verdict["expected"], "trials": len(rows),
+               "done": verdict["done"], "finished": sum(bool(r["metrics"].get("finished")) for r in rows),
                "errored": sum(r["error"] is not None for r in rows), "configs": len(entries),
                "wall_seconds": round(seconds, 1), "experiment_dir": prepared.experiment_dir,
                "teacher_cache_seconds": round(prepared.teacher_cache_seconds, 1),
                "max_concurrent": prepared.study.search.max_concurrent,
                "trial_compute_seconds": round(sum(float(r["metrics"].get("compute_seconds", 0)) for r in rows), 1),
                "tracking_uri": prepared.tracking.tracking_uri, "parent_run_id": parent_run_id}
-    if entries:
-        summary["best"] = entries[0]
-        (folder / "summary.md").write_text(markdown_table(entries, param_names))
-        plot_summary(entries, param_names, folder)
-    (folder / "summary.json").write_text(json.dumps({**summary, "configs_ranked": entries}, indent=1, default=str))
-    mlflow_client = client(prepared.tracking)
-    mlflow_client.log_artifacts(parent_run_id, str(folder), artifact_path="summary")
+    with tempfile.TemporaryDirectory(prefix="caspl-summary-") as tmp:
+        folder = Path(tmp)
+        if entries:
+            summary["best"] = entries[0]
+            (folder / "summary.md").write_text(markdown_table(entries, param_names))
+            plot_summary(entries, param_names, folder)
+        (folder / "summary.json").write_text(json.dumps({**summary, "configs_ranked": entries}, indent=1,
+                                                        default=str))
+        client(prepared.tracking).log_artifacts(parent_run_id, str(folder), artifact_path="summary")
+        summary["summary_dir"] = prepared.folder.publish(folder)
     if entries:
         best = entries[0]
         log_metrics(prepared.tracking, parent_run_id, {f"best_{k}": best[k] for k in
                                                        ("val_hm", "test_base", "test_novel", "test_hm")}, step=0)
         log_params(prepared.tracking, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
-    mlflow_client.set_terminated(parent_run_id, "FINISHED" if summary["errored"] == 0 else "FAILED")
-    _print_summary(summary, folder, prepared, log)
+    _print_summary(summary, prepared, log)
     return summary
 
 
-def _print_summary(summary: dict, folder: Path, prepared, log) -> None:
-    log(f"[study] {summary['finished']}/{summary['trials']} trials finished ({summary['errored']} errored) "
-        f"in {summary['wall_seconds']:.0f}s")
+def _print_summary(summary: dict, prepared, log) -> None:
+    log(f"[study] {summary['status']}: {summary['message']} ({summary['finished']} finished, {summary['errored']} "
+        f"errored, {summary['expected_trials']} configured) in {summary['wall_seconds']:.0f}s")
     if "best" in summary:
         best = summary["best"]
         log(f"[study] best on validation HM ({best['val_hm']:.2f}): {best['params']}")
         log(f"[study]   test base {best['test_base']:.2f}  novel {best['test_novel']:.2f}  HM {best['test_hm']:.2f}"
             f" (mean of {best['seeds']} seed(s))")
-    log(f"[study] summary table and plots: {folder}")
+    log(f"[study] summary table and plots: {summary['summary_dir']}")
     log(f"[study] Tune results: {prepared.experiment_dir}")
     uri = prepared.tracking.tracking_uri
     log(f"[study] MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (parent run "

@@ -26,11 +26,15 @@ class SearchSpace:
         self.params = params
         self.base_methods = list_methods(BASE)
 
+    def applies(self, name: str, method: str) -> bool:
+        """Whether parameter `name` is sampled in trials of `method` (a `<method>.` parameter only in its own)."""
+        owner = name.split(".", 1)[0]
+        return owner not in self.base_methods or owner == method
+
     def __call__(self, trial) -> None:
         method = trial.suggest_categorical("method", self.methods)
         for name, spec in self.params.items():
-            owner = name.split(".", 1)[0]
-            if owner in self.base_methods and owner != method:
+            if not self.applies(name, method):
                 continue
             if spec["type"] == "categorical":
                 trial.suggest_categorical(name, spec["choices"])
@@ -62,7 +66,7 @@ def _checked(name: str, param: SearchParam, study: StudyConfig, student_layers: 
     if param.type != "categorical":
         if not isinstance(spec["high"], (int, float)) or spec["low"] > spec["high"]:
             raise ConfigError(f"search parameter {name!r}: need low <= high (got {spec['low']}, {spec['high']})")
-    values = spec["choices"] if param.type == "categorical" else [spec["low"], spec["high"]]
+    values = range_ends(spec)
     if name in BOOST_DEPTHS and not all(1 <= int(v) <= student_layers for v in values):
         raise ConfigError(f"search parameter {name!r}: depths {values} must lie in 1..{student_layers} (the student "
                           f"{study.student.name} has {student_layers} layers)")
@@ -71,6 +75,18 @@ def _checked(name: str, param: SearchParam, study: StudyConfig, student_layers: 
     if name.endswith(".lr") and not all(float(v) > 0 for v in values):
         raise ConfigError(f"search parameter {name!r}: learning rates must be > 0, got {values}")
     return spec
+
+
+def range_ends(spec: dict) -> list:
+    """The extreme values of a parameter: every categorical choice, or a range's low end and its highest reachable
+    value (a stepped range stops at the last low + k * step <= high, as Optuna samples it)."""
+    if spec["type"] == "categorical":
+        return list(spec["choices"])
+    low, high, step = spec["low"], spec["high"], spec["step"]
+    if step:
+        high = low + step * ((high - low) // step)
+    cast = int if spec["type"] == "int" else float
+    return [cast(low), cast(high)]
 
 
 def _set_path(target: dict, dotted: str, value: Any) -> None:

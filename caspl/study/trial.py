@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,10 @@ TRIAL_STATE = "trial_state.json"
 
 
 def run_trial(config: dict, study: dict, context: dict) -> None:
+    """Tune's function trainable. A failure marks the trial's run FAILED before Tune sees it (Tune may retry the
+    trial from its last checkpoint, and the retry reopens the same run); a worker or node that dies cannot, so the
+    driver settles every run's final status when the study ends."""
+    import ray
     from ray import tune
 
     from caspl.train.adapt import AdaptRunConfig, load_dataset
@@ -46,47 +51,69 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
                              "caspl.adapt_config_hash": config_hash(adapt_cfg)},
                        known_run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = run_id
-    log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict), **_flat("adapt", adapt_dict)})
+    state["attempt"] = state.get("attempt", 0) + 1  # starts of this trial: retries after a failure, resumes
+    client(tracking).set_tag(run_id, "caspl.attempt", str(state["attempt"]))
+    client(tracking).set_tag(run_id, "caspl.node_id", ray.get_runtime_context().get_node_id())
+    with _guarded(tracking, run_id, work):
+        log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict),
+                                      **_flat("adapt", adapt_dict)})
 
-    if "final" in state:  # finished before a crash: report the same result again, touch nothing else
-        _finish_mlflow(tracking, run_id, state["final"])
-        tune.report(state["final"])
-        return
+        if "final" in state:  # finished before a crash: report the same result again, touch nothing else
+            _finish_mlflow(tracking, run_id, state["final"])
+            tune.report(state["final"])
+            return
 
-    began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
-    boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
-    if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
-        for epoch in boost.history:
-            log_metrics(tracking, run_id, {k: v for k, v in epoch.items() if k.startswith("boost/")}, epoch["epoch"])
-        client(tracking).set_tag(run_id, "caspl.boost_key", boost.key)
-        client(tracking).set_tag(run_id, "caspl.teacher_cache_key", boost.cache_key)
+        began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
+        boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
+        if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
+            for epoch in boost.history:
+                log_metrics(tracking, run_id, {k: v for k, v in epoch.items() if k.startswith("boost/")},
+                            epoch["epoch"])
+            client(tracking).set_tag(run_id, "caspl.boost_key", boost.key)
+            client(tracking).set_tag(run_id, "caspl.teacher_cache_key", boost.cache_key)
 
-    dataset = load_dataset(adapt_cfg.data)
-    final_extra = {}
-    if study_cfg.baselines:  # the method without CasPL; its run is content-addressed, so it trains once per study
-        alone = adapt_and_evaluate(replace(adapt_cfg, boost=None), seed, store, dataset, boost_prompts=None)
-        final_extra = {f"baseline_{split}_{k}": v for split in ("val", "test") for k, v in alone[split].items()}
+        dataset = load_dataset(adapt_cfg.data)
+        final_extra = {}
+        if study_cfg.baselines:  # the method without CasPL; its run is content-addressed, so it trains once per study
+            alone = adapt_and_evaluate(replace(adapt_cfg, boost=None), seed, store, dataset, boost_prompts=None)
+            final_extra = {f"baseline_{split}_{k}": v for split in ("val", "test") for k, v in alone[split].items()}
 
-    def on_epoch(metrics: dict, model) -> None:
-        val = validation_hm(model, dataset)
-        log_metrics(tracking, run_id, {**{f"adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
-                                       **{f"adapt/val_{k}": v for k, v in val.items()}}, metrics["epoch"])
-        _report(work, state, {"phase": "adapt", "epoch": metrics["epoch"], "val_hm": val["hm"],
-                              "trial_id": trial_id})
+        def on_epoch(metrics: dict, model) -> None:
+            val = validation_hm(model, dataset)
+            log_metrics(tracking, run_id, {**{f"adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
+                                           **{f"adapt/val_{k}": v for k, v in val.items()}}, metrics["epoch"])
+            _report(work, state, {"phase": "adapt", "epoch": metrics["epoch"], "val_hm": val["hm"],
+                                  "trial_id": trial_id})
 
-    result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
-    if "adapt/loss" not in client(tracking).get_run(run_id).data.metrics:  # a reused run trained no epoch here
-        for epoch in result["history"]:
-            log_metrics(tracking, run_id, {f"adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
-    final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
-             "compute_seconds": time.perf_counter() - began,
-             **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
-    if client(tracking).get_run(run_id).info.status != "FINISHED":
-        _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
-    state["final"] = final
-    _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
-    _finish_mlflow(tracking, run_id, final)
-    shutil.rmtree(work, ignore_errors=True)
+        result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
+        if "adapt/loss" not in client(tracking).get_run(run_id).data.metrics:  # a reused run trained no epoch here
+            for epoch in result["history"]:
+                log_metrics(tracking, run_id, {f"adapt/{k}": v for k, v in epoch.items() if k != "epoch"},
+                            epoch["epoch"])
+        final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
+                 "compute_seconds": time.perf_counter() - began,
+                 **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
+        if client(tracking).get_run(run_id).info.status != "FINISHED":
+            _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
+        state["final"] = final
+        _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
+        _finish_mlflow(tracking, run_id, final)
+
+
+@contextmanager
+def _guarded(tracking: TrackingSettings, run_id: str, work: Path):
+    """Mark the run FAILED when the block raises (best effort: the failure may be MLflow's own) and re-raise;
+    remove the trial's work folder either way."""
+    try:
+        yield
+    except BaseException:
+        try:
+            client(tracking).set_terminated(run_id, "FAILED")
+        except Exception:
+            pass
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
