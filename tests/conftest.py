@@ -74,13 +74,27 @@ def vit_b16():
     return load_clip(ModelSpec("ViT-B-16"))
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, small object store)."""
+def start_test_ray():
+    """A local Ray in this process (2 CPUs, small object store), started unless one is running."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    """The session's local Ray, started on first use and kept for the tests after (Ray stops at exit)."""
+    return start_test_ray()
+
+
+@pytest.fixture
+def without_ray():
+    """No Ray in this process, for tests asserting that a command starts none (a later ray_local starts it again)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield

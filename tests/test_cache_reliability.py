@@ -27,6 +27,7 @@ from caspl.config import from_dict
 from caspl.distill.cache import KIND, LogitsCache
 from caspl.models import ModelSpec, check_weights, load_clip
 from caspl.train.boost import BoostRunConfig, prepare_boost, train_boost
+from conftest import start_test_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 80  # toy_shapes: 40 classes x n_train 2
@@ -65,8 +66,9 @@ def _cli(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local):
+def built(tmp_path_factory):
     """A store holding the ToyWorld data and a finished teacher cache of 2 shards, built through `caspl cache`."""
+    start_test_ray()
     store = tmp_path_factory.mktemp("built") / "store"
     config = _write_config(store.parent / "boost.yaml", store)
     assert main(["cache", "-c", config]) == 0

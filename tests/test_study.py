@@ -271,7 +271,7 @@ def tree_digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_study_inputs_exit_2_with_one_line_before_ray_and_change_nothing(tmp_path, case, capsys):
+def test_bad_study_inputs_exit_2_with_one_line_before_ray_and_change_nothing(tmp_path, case, capsys, without_ray):
     from studies.boost_sweep import main
 
     changes, message, *setup = BAD_INPUTS[case]
