@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     cpu_rate = (args.cpu_gflops or (measured or {}).get("gflops") or 0) * 1e9
     gpu_rate = args.gpu_tflops * 1e12 * args.utilization
     rows = [_row(c, cpu_rate, gpu_rate) for c in costs]
-    total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "dataset"}
+    total = {k: None if rows[0][k] is None else sum(r[k] for r in rows) for k in rows[0] if k != "dataset"}
     print(_table(rows + ([{"dataset": "**total**", **total}] if len(rows) > 1 else []), study, args))
     summary = {"config": args.config, "trials": costs[0].trials, "datasets": rows, "total": total,
                "cpu_measured": measured, "gpu_rate_tflops": gpu_rate / 1e12}
@@ -130,7 +130,7 @@ def _row(cost, cpu_rate: float, gpu_rate: float) -> dict:
         row[f"boost_pflop_{end}"] = cost.boost[end].flops / 1e15
         row[f"adapt_pflop_{end}"] = cost.adapt[end].flops / 1e15
         row[f"gpu_hours_{end}"] = cost.total(end) / gpu_rate / 3600
-        row[f"cpu_hours_{end}"] = cost.total(end) / cpu_rate / 3600 if cpu_rate else float("nan")
+        row[f"cpu_hours_{end}"] = cost.total(end) / cpu_rate / 3600 if cpu_rate else None
     return row
 
 
@@ -141,7 +141,8 @@ def _table(rows: list[dict], study, args) -> str:
              f"{', '.join(study.methods)}; ranges low-high; GPU at {args.gpu_tflops:g} TFLOP/s x "
              f"{args.utilization:g}", "", head, "|---|" + "---:|" * 7]
     for r in rows:
-        span = lambda key, fmt: f"{r[key + '_low']:{fmt}}-{r[key + '_high']:{fmt}}"  # noqa: E731
+        span = lambda key, fmt: ("–" if r[key + "_low"] is None  # noqa: E731
+                                 else f"{r[key + '_low']:{fmt}}-{r[key + '_high']:{fmt}}")
         lines.append(f"| {r['dataset']} | {r['teacher_passes']:,} | {r['cache_gb']:.2f} | {r['teacher_pflop']:.3g} | "
                      f"{span('boost_pflop', '.3g')} | {span('adapt_pflop', '.3g')} | {span('gpu_hours', '.3g')} | "
                      f"{span('cpu_hours', '.3g')} |")
