@@ -118,6 +118,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def merge(base: dict, changes: dict) -> dict:
+    """A copy of config mapping `base` with `changes` applied key by key (nested mappings merged, values replaced)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def config_hash(obj: Any) -> str:
     return content_key(to_dict(obj))
 

@@ -1,7 +1,7 @@
 """Price a study before running it: teacher passes, teacher-cache size, FLOPs per phase, CPU- and GPU-hours.
 
-    python studies/estimate_cost.py --config studies/configs/study/paper_b2n.yaml
-    python studies/estimate_cost.py --config studies/configs/study/toy_default.yaml --measure
+    python studies/estimate_cost.py --config studies/configs/study/paper_b2n.yaml --measure
+    python studies/estimate_cost.py --config studies/configs/study/toy_default.yaml
     python studies/estimate_cost.py --smoke-test
 
 FLOPs come from `caspl.study.cost` (analytic, per the code's own loops; searched ranges priced at both ends).
@@ -57,11 +57,11 @@ def dataset_sizes(study, names: list[str]):
     from caspl.errors import CasplError
     from caspl.study.cost import DatasetSize
 
-    sizes = []
+    sizes, sections = [], {d.dataset: d for d in study.datasets}
     for name in names:
-        options = study.data.options if name == study.data.dataset else {}
+        section = sections.get(name)
         try:
-            ds = build_dataset(name, study.data.root, **options)
+            ds = build_dataset(name, section.root if section else None, **(section.options if section else {}))
             sizes.append(DatasetSize(name, ds.num_classes, len(ds.train), len(ds.val), len(ds.test)))
         except CasplError:
             if name not in COOP_SIZES:
@@ -96,19 +96,27 @@ def measure_cpu_gflops(student_name: str, batch: int, repeats: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from caspl.config import load_yaml
+    from caspl.errors import CasplError
+    from caspl.models import architecture_config
     from caspl.study.config import load_study_config
     from caspl.study.cost import price_study
-    from caspl.study.runner import check_study
+    from caspl.study.space import build_space
 
-    study = load_study_config(load_yaml(args.config))
-    space = check_study(study)
-    costs = [price_study(study, space, size) for size in dataset_sizes(study, args.datasets or [study.data.dataset])]
+    try:  # priced before data or weights exist: only the config and the architectures are read
+        study = load_study_config(load_yaml(args.config))
+        cfg = architecture_config(study.student.name)
+        space = build_space(study, min(cfg["vision_cfg"]["layers"], cfg["text_cfg"]["layers"]))
+    except CasplError as exc:
+        print(f"estimate_cost: error: {exc}", file=sys.stderr)
+        return 2
+    names = args.datasets or [d.dataset for d in study.datasets]
+    costs = [price_study(study, space, size) for size in dataset_sizes(study, names)]
     measured = measure_cpu_gflops(study.student.name, args.batch_size, args.repeats) if args.measure else None
     cpu_rate = (args.cpu_gflops or (measured or {}).get("gflops") or 0) * 1e9
     gpu_rate = args.gpu_tflops * 1e12 * args.utilization
     rows = [_row(c, cpu_rate, gpu_rate) for c in costs]
-    print(_table(rows, study, args))
-    total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "dataset"}
+    total = {k: None if rows[0][k] is None else sum(r[k] for r in rows) for k in rows[0] if k != "dataset"}
+    print(_table(rows + ([{"dataset": "**total**", **total}] if len(rows) > 1 else []), study, args))
     summary = {"config": args.config, "trials": costs[0].trials, "datasets": rows, "total": total,
                "cpu_measured": measured, "gpu_rate_tflops": gpu_rate / 1e12}
     print(json.dumps(summary))
@@ -122,7 +130,7 @@ def _row(cost, cpu_rate: float, gpu_rate: float) -> dict:
         row[f"boost_pflop_{end}"] = cost.boost[end].flops / 1e15
         row[f"adapt_pflop_{end}"] = cost.adapt[end].flops / 1e15
         row[f"gpu_hours_{end}"] = cost.total(end) / gpu_rate / 3600
-        row[f"cpu_hours_{end}"] = cost.total(end) / cpu_rate / 3600 if cpu_rate else float("nan")
+        row[f"cpu_hours_{end}"] = cost.total(end) / cpu_rate / 3600 if cpu_rate else None
     return row
 
 
@@ -133,7 +141,8 @@ def _table(rows: list[dict], study, args) -> str:
              f"{', '.join(study.methods)}; ranges low-high; GPU at {args.gpu_tflops:g} TFLOP/s x "
              f"{args.utilization:g}", "", head, "|---|" + "---:|" * 7]
     for r in rows:
-        span = lambda key, fmt: f"{r[key + '_low']:{fmt}}-{r[key + '_high']:{fmt}}"  # noqa: E731
+        span = lambda key, fmt: ("–" if r[key + "_low"] is None  # noqa: E731
+                                 else f"{r[key + '_low']:{fmt}}-{r[key + '_high']:{fmt}}")
         lines.append(f"| {r['dataset']} | {r['teacher_passes']:,} | {r['cache_gb']:.2f} | {r['teacher_pflop']:.3g} | "
                      f"{span('boost_pflop', '.3g')} | {span('adapt_pflop', '.3g')} | {span('gpu_hours', '.3g')} | "
                      f"{span('cpu_hours', '.3g')} |")

@@ -80,12 +80,70 @@ def test_dg_configs_follow_the_paper_setting(path):
     assert (cfg.method, cfg.optim) == (paper.method, paper.optim)  # the method's own paper hyperparameters
 
 
+def write_weights_like(name: str, path: Path) -> Path:
+    """A safetensors file with every key, shape and dtype of architecture `name` and zero values, written sparse
+    (the header, then a hole): a weights file of the right architecture in milliseconds, even for ViT-L/14."""
+    import json
+    import struct
+
+    from caspl.models import meta_clip
+
+    header, offset = {}, 0
+    for key, tensor in meta_clip(name)[0].state_dict().items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": {4: "F32", 2: "F16", 8: "I64"}[tensor.element_size()], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        handle.truncate(8 + len(text) + offset)
+    return path
+
+
+def offline(data: dict, tmp: Path) -> dict:
+    """A shipped study config pointed at this machine: weight files of the right architectures, data roots, storage,
+    store and tracking in `tmp` (what a user's cluster paths would be)."""
+    for role in ("student", "teacher"):
+        model = data[role]
+        if model.get("pretrained") and Path(model["pretrained"]).suffix:
+            model["pretrained"] = str(write_weights_like(model["name"], tmp / f"{role}.safetensors"))
+    for section in data["data"] if isinstance(data["data"], list) else [data["data"]]:
+        if section.get("root"):
+            section["root"] = str(tmp / "data")
+            (tmp / "data").mkdir(exist_ok=True)
+    data.update(storage=str(tmp / "runs"), tracking={"env_file": None, "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+                                                      "experiment": "shipped"})
+    data.setdefault("runtime", {})["store"] = str(tmp / "store")
+    return data
+
+
 @pytest.mark.parametrize("path", _files("study"), ids=lambda p: p.name)
-def test_study_configs(path):
+def test_study_configs(path, tmp_path):
     from caspl.study.config import load_study_config
     from caspl.study.runner import check_study
 
-    check_study(load_study_config(load_yaml(path)))
+    check_study(load_study_config(offline(load_yaml(path), tmp_path)))
+
+
+def test_the_paper_study_passes_every_pre_ray_check_with_local_weight_files(tmp_path, monkeypatch):
+    """The 11-dataset paper study, weights given as local files of the real architectures: everything a driver
+    checks before Ray starts passes (on a cluster, whose resources are its own: RAY_ADDRESS is set)."""
+    from caspl.methods import BASE, list_methods
+    from caspl.models import check_weights
+    from caspl.study.config import load_study_config
+    from caspl.study.runner import prepare_study
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.invalid:10001")  # not contacted: the checks run before Ray
+    study = load_study_config(offline(load_yaml(CONFIGS / "study" / "paper_b2n.yaml"), tmp_path))
+    prepared = prepare_study(study, REPO, log=lambda line: None)
+    assert len(study.datasets) == 11 and set(study.methods) <= set(list_methods(BASE))
+    assert (study.student.name, study.teacher.name) == ("ViT-B-16", "ViT-L-14")
+    assert {"boost.depth", "boost.length", "boost.temperature"} <= set(prepared.space.params)
+    for model in (study.student, study.teacher):
+        check_weights(model.spec(study.runtime))  # every key and shape fits the architecture
+    assert (tmp_path / "teacher.safetensors").stat().st_size > 1_000_000_000  # ViT-L/14 in fp32, as a sparse file
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ray_jobs").glob("*.yaml")), ids=lambda p: p.name)

@@ -128,6 +128,14 @@ BAD_INPUTS = {
     "name with a space": ({"name": "my study"}, "study name 'my study' must be"),
     "name too long": ({"name": "x" * 101}, "study name 'x+' must be 1-100"),
     "unknown method": ({"methods": ["coop", "nosuch"]}, "base methods"),
+    # datasets and the objective
+    "no dataset": ({"data": []}, r"data must name at least one dataset, each once \(got \[\]\)"),
+    "dataset twice": ({"data": [{"dataset": "toy_shapes"}, {"dataset": "toy_shapes"}]}, "each once"),
+    "boost.data with several datasets": ({"data": [{"dataset": "toy_shapes"}, {"dataset": "toy_sketch"}],
+                                          "boost.data": {"dataset": "toy_shapes"}}, "boosts on each of them"),
+    "asha with several datasets": ({"data": [{"dataset": "toy_shapes"}, {"dataset": "toy_sketch"}],
+                                    "search.scheduler": "asha"}, "with a single dataset"),
+    "unknown objective": ({"search.objective": "test_hm"}, r"search.objective is 'test_hm'; choose one of"),
     "methods repeated": ({"methods": ["coop", "coop"]}, "distinct base methods"),
     "experiment name blank": ({"tracking.experiment": " "}, "tracking.experiment must be a non-empty"),
     # lengths: searched (every value of a range or choice list), fixed, in a method's defaults
@@ -693,6 +701,35 @@ def test_study_on_uri_storage_resumes_into_the_same_parent_run(tmp_path):
     runs = _runs(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FAILED"]
     assert [r.info.status for r in _children(runs)] == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_study_over_two_datasets_searches_a_label_free_objective_and_reports_its_agreement(tmp_path, ray_local):
+    """Each trial boosts and adapts on both datasets; the objective is the pseudo-novel HM of their averages (what
+    Tune saw), test numbers are the HM of the averaged base and novel accuracies, and the summary reports how each
+    objective ranks the trials by test HM."""
+    from caspl.study.runner import run_study
+
+    data = [{"dataset": "toy_shapes", "options": {"n_train": 4, "n_val": 2, "n_test": 2}},
+            {"dataset": "toy_sketch", "options": {"n_train": 4, "n_val": 2, "n_test": 2}}]
+    changes = {"data": data, "search.num_samples": 3, "methods": ["coop"], "baselines": False,
+               "search.space": {"boost.length": {"type": "int", "low": 2, "high": 4},
+                                "boost.depth": {"type": "int", "low": 1, "high": "max"}},
+               "boost.optim": {"lr": 0.01, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+               "adapt.optim": {"lr": 0.01, "epochs": 1, "batch_size": 8, "warmup_epochs": 0}}
+    summary = run_study(load_study_config(tiny_study(tmp_path, **changes)), REPO, log=lambda line: None)
+    assert (summary["status"], summary["finished"]) == ("FINISHED", 3)
+    assert summary["objective"] == "pseudo_novel" and set(summary["spearman_with_test_hm"]) == {"pseudo_hm", "val_hm"}
+    children = [child.data.metrics for child in _children(_runs(tmp_path / "mlflow.db"))]
+    for m in children:
+        assert m["objective"] == m["pseudo_hm"]
+        assert m["test_base"] == pytest.approx((m["toy_shapes/test_base"] + m["toy_sketch/test_base"]) / 2)
+        assert m["test_hm"] == pytest.approx(2 * m["test_base"] * m["test_novel"] / (m["test_base"] + m["test_novel"]))
+        assert {"toy_shapes/boost/kd_loss", "toy_sketch/adapt/loss"} <= set(m)
+    assert any("toy_sketch/adapt/objective_hm" in m for m in children)  # per epoch where it trained (not reused)
+    parent = [r for r in _runs(tmp_path / "mlflow.db") if "mlflow.parentRunId" not in r.data.tags][0]
+    assert {"spearman_pseudo_hm_vs_test_hm", "spearman_val_hm_vs_test_hm"} & set(parent.data.metrics)
+    assert "Spearman(pseudo_hm, test HM)" in (tmp_path / "runs" / "tiny" / "summary" / "summary.md").read_text()
 
 
 @pytest.mark.slow

@@ -113,6 +113,25 @@ def subsample_classes(dataset: Dataset, which: Subset | str) -> Dataset:
     )
 
 
+def pseudo_novel_split(dataset: Dataset, seed: int) -> Dataset:
+    """The base classes alone, in a seeded order, as a base-to-novel task of their own (for a study's objective).
+
+    Its base half ("pseudo-base") is what adapting trains on during a search and its novel half ("pseudo-novel") plays
+    the unseen classes, so scoring HM on its validation images uses no image or label of a real novel class. Its test
+    split is empty: a search never reads test images. The name records the rule, so cached few-shot selections and
+    adapting runs of the pseudo task never collide with the real task's.
+    """
+    base = subsample_classes(dataset, "base")
+    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, base.num_classes]).permutation(base.num_classes).tolist()
+    relabel = {old: new for new, old in enumerate(order)}
+
+    def keep(items: list[Item]) -> list[Item]:
+        return [replace(it, label=relabel[it.label]) for it in items]
+
+    return replace(base, name=f"{dataset.name}~pseudo{seed}", classnames=[base.classnames[i] for i in order],
+                   templates=list(base.templates), train=keep(base.train), val=keep(base.val), test=[])
+
+
 # ------------------------------------------------------------------------------------------------------ few-shot
 def few_shot(items: Sequence[Item], k: int, seed: int) -> list[Item]:
     """k items per class (all of a class with fewer, with a warning), in the input order.

@@ -181,10 +181,13 @@ def read_state_dict(path: str | Path, *, mmap: bool = False) -> tuple[dict[str, 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass an existing weights file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
+            if mmap:  # keys, shapes and dtypes from the header; nothing is read
+                with safe_open(str(path), framework="pt") as handle:
+                    return _strip_prefixes({key: _meta_like(handle.get_slice(key)) for key in handle.keys()}), False
             return _strip_prefixes(load_file(str(path))), False
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({_first_line(exc)}); "
@@ -210,6 +213,16 @@ def read_state_dict(path: str | Path, *, mmap: bool = False) -> tuple[dict[str, 
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors; save model.state_dict()")
     return _strip_prefixes(obj), False
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _meta_like(tensor_slice) -> torch.Tensor:
+    """A meta tensor with the shape and dtype a safetensors header gives."""
+    return torch.empty(tensor_slice.get_shape(), dtype=SAFETENSORS_DTYPES[tensor_slice.get_dtype()], device="meta")
 
 
 def _first_line(exc: BaseException) -> str:

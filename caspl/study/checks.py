@@ -29,7 +29,7 @@ def check_study(study: StudyConfig) -> SearchSpace:
     """Everything about the config that can be checked without Ray, data or weights; returns the search space."""
     from caspl.models import architecture_config, check_weight_source, meta_clip
 
-    for where, data in (("data", study.data), ("boost.data", study.boost.data)):
+    for where, data in [("data", d) for d in study.datasets] + [("boost.data", study.boost.data)]:
         if data is not None:
             check_data(where, data)
     architecture_config(study.teacher.name)

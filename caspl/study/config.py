@@ -6,6 +6,16 @@ Search parameters are named by where they go:
     boost.optim.lr, adapt.optim.lr  learning rates (any optim field)
     <method>.<field>                a method-specific field, sampled only in trials of that method (e.g. coop.n_ctx)
 An upper bound `max` stands for the student's layer count. `method` itself is always searched over `methods`.
+
+The objective the searcher maximises (`search.objective`):
+    pseudo_novel (default)  label-free on novel classes: the base classes are split by a seeded rule into pseudo-base
+                            (adapting trains on them during the search) and pseudo-novel (held out), and the objective
+                            is the HM of their validation accuracies. No image or label of a novel class is used;
+                            boosting still sees the unlabeled images and class names (CasPL's own, logged, transductive
+                            setting).
+    val_hm                  HM of base and novel accuracy on the labelled validation images of both (novel included).
+Every trial also adapts on the real base classes for its test numbers, which the searcher never sees; the summary
+reports how well each objective ranks trials by test HM (Spearman).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from caspl.config import DataConfig, ModelConfig, RuntimeConfig, from_dict
+from caspl.config import DataConfig, ModelConfig, OptimConfig, RuntimeConfig, from_dict, merge, to_dict
 from caspl.errors import ConfigError, FieldError
 from caspl.methods import BASE, list_methods, method_class, method_config
 from caspl.train.adapt import AdaptSection
@@ -67,7 +77,9 @@ class SearchConfig:
     searcher_seed: int = 0
     max_concurrent: int = 2
     points_to_evaluate: list[dict] = field(default_factory=list)
-    scheduler: Literal["asha"] | None = None  # None or "asha" (on per-epoch validation HM)
+    objective: Literal["pseudo_novel", "val_hm"] = "pseudo_novel"  # what the searcher maximises (module docstring)
+    pseudo_split_seed: int = 0  # the seeded rule splitting the base classes into pseudo-base and pseudo-novel
+    scheduler: Literal["asha"] | None = None  # None or "asha" (on the per-epoch objective)
     grace_period: int = 1
     reduction_factor: int = 2
 
@@ -120,17 +132,24 @@ class ResourcesConfig:
 
 @dataclass(kw_only=True)
 class StudyAdaptSection(AdaptSection):
-    """The study's adapting settings (every trial's), plus per-method defaults: `methods: {coop: {n_ctx: 4}}`."""
+    """The study's adapting settings (every trial's), plus per-method settings: `methods: {coop: {n_ctx: 4}}` and
+    per-method optimiser overrides `optim_by_method: {coop: {epochs: 50, batch_size: 32}}` (each method's paper
+    budget)."""
 
     methods: dict[str, dict] = field(default_factory=dict)
+    optim_by_method: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
+        for where, table in (("methods", self.methods), ("optim_by_method", self.optim_by_method)):
+            for name, values in table.items():
+                if method_class(name).config_cls.kind != BASE or not isinstance(values, dict):
+                    raise ConfigError(f"adapt.{where}.{name}: expected a base method's settings, one of "
+                                      f"{list_methods(BASE)}")
         for name, values in self.methods.items():
-            if method_class(name).config_cls.kind != BASE or not isinstance(values, dict):
-                raise ConfigError(f"adapt.methods.{name}: expected a base method's settings, one of "
-                                  f"{list_methods(BASE)}")
             method_config(name, **values)  # an unknown or invalid key fails here, at load time
+        for name, values in self.optim_by_method.items():
+            from_dict(OptimConfig, {**to_dict(self.optim), **values}, f"adapt.optim_by_method.{name}")
 
 
 @dataclass
@@ -138,10 +157,11 @@ class StudyConfig:
     name: str
     student: ModelConfig
     teacher: ModelConfig
-    data: DataConfig
+    data: DataConfig | list[DataConfig]  # one dataset, or several: each trial runs them all and reports their average
     methods: list[str]
     search: SearchConfig = field(default_factory=SearchConfig)
     boost: BoostSection = field(default_factory=BoostSection)  # the teacher is the study's own `teacher`
+    boost_by_dataset: dict[str, dict] = field(default_factory=dict)  # {imagenet: {optim: {batch_size: 128}}}
     adapt: StudyAdaptSection = field(default_factory=StudyAdaptSection)
     baselines: bool = True  # also adapt each method without CasPL (once per method and seed) for comparison
     storage: str = "runs"  # Tune storage: a local path (relative to the current directory) or a URI
@@ -162,6 +182,24 @@ class StudyConfig:
                              for name, spec in self.search.space.items()}
         if not self.search.space and not self.search.points_to_evaluate:
             raise ConfigError("search.space is empty: name at least one parameter (e.g. boost.depth)")
+        names = [d.dataset for d in self.datasets]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"data must name at least one dataset, each once (got {names})")
+        if len(names) > 1 and self.boost.data is not None:
+            raise ConfigError("boost.data: a study over several datasets boosts on each of them; leave boost.data out")
+        for name, changes in self.boost_by_dataset.items():
+            if name not in names or not isinstance(changes, dict):
+                raise ConfigError(f"boost_by_dataset.{name}: names no dataset of the study ({names}); give "
+                                  "{dataset: {boost fields to change}}")
+            from_dict(BoostSection, merge(to_dict(self.boost), changes), f"boost_by_dataset.{name}")
+        if len(names) > 1 and self.search.scheduler is not None:
+            raise ConfigError("search.scheduler: early stopping compares per-epoch results of one dataset; use it "
+                              "with a single dataset (or set scheduler: null)")
+
+    @property
+    def datasets(self) -> list[DataConfig]:
+        """The study's datasets, in order (`data` as one section or a list)."""
+        return list(self.data) if isinstance(self.data, list) else [self.data]
 
 
 def load_study_config(data: dict) -> StudyConfig:

@@ -41,7 +41,7 @@ from caspl.study.tracking import (TrackingSettings, check_parent_run, check_trac
 
 __all__ = ["OBJECTIVE", "PreparedStudy", "check_study", "prepare_study", "run_study"]
 
-OBJECTIVE = "val_hm"
+OBJECTIVE = "objective"  # the metric Tune and Optuna maximise: the value of `search.objective`
 Log = Callable[[str], None]
 
 
@@ -228,7 +228,7 @@ def _new_tuner(prepared: PreparedStudy, trainable):
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
     reporter = tune.CLIReporter(
-        metric_columns={"phase": "phase", "epoch": "epoch", OBJECTIVE: "val HM", "test_hm": "test HM"},
+        metric_columns={"phase": "phase", "epoch": "epoch", OBJECTIVE: "objective", "test_hm": "test HM"},
         parameter_columns={k: k for k in ["method", *prepared.space.params]}, max_report_frequency=30)
     storage_path, fs = prepared.folder.tune_storage()
     return tune.Tuner(
@@ -252,16 +252,17 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     study = prepared.study
     for model in (study.student, study.teacher):  # weights built on first use (ToyWorld): here, not in a trial
         load_clip(model.spec(study.runtime))
-    params = {"method": study.methods[0]}
-    _, boost, _ = trial_configs(study, params, study.search.seeds[0])
     if any(name.startswith("boost.cache.") for name in prepared.space.params):
         log("[study] the teacher cache itself is searched: each cache variant is built by the first trial needing it")
         return
-    _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
-    log(f"[study] teacher cache {report.key}: {report.computed} images computed, {report.reused} reused, "
-        f"{len(report.skipped)} skipped -> {report.folder}")
+    for data in study.datasets:
+        _, boost, _ = trial_configs(study, {"method": study.methods[0]}, study.search.seeds[0], data)
+        _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
+        log(f"[study] teacher cache for {data.dataset} {report.key}: {report.computed} images computed, "
+            f"{report.reused} reused, {len(report.skipped)} skipped -> {report.folder}")
 
 
 def _study_tags(study: StudyConfig, folder: StudyFolder) -> dict:
-    return {"caspl.version": __version__, "caspl.config_hash": config_hash(study), "dataset": study.data.dataset,
+    datasets = ",".join(d.dataset for d in study.datasets)
+    return {"caspl.version": __version__, "caspl.config_hash": config_hash(study), "dataset": datasets,
             "student": study.student.name, "teacher": study.teacher.name, "caspl.study_folder": folder.path}

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 from typing import Any
 
-from caspl.config import to_dict
+from caspl.config import DataConfig, merge, to_dict
 from caspl.errors import ConfigError
 from caspl.methods import BASE, list_methods
 from caspl.study.config import SearchParam, StudyConfig
@@ -96,15 +96,19 @@ def _set_path(target: dict, dotted: str, value: Any) -> None:
     target[leaf] = value
 
 
-def trial_configs(study: StudyConfig, params: dict[str, Any], seed: int) -> tuple[str, dict, dict]:
-    """(method, boost run config dict, adapt run config dict) for one trial's sampled parameters."""
+def trial_configs(study: StudyConfig, params: dict[str, Any], seed: int,
+                  data: DataConfig | None = None) -> tuple[str, dict, dict]:
+    """(method, boost run config dict, adapt run config dict) for one trial's sampled parameters on one of the
+    study's datasets (default: its first)."""
     method = params["method"]
+    data = data or study.datasets[0]
     shared = {"student": to_dict(study.student), "runtime": to_dict(study.runtime)}
-    boost = {**to_dict(study.boost), **shared, "teacher": to_dict(study.teacher),
-             "data": to_dict(study.boost.data or study.data)}
+    boost = {**merge(to_dict(study.boost), study.boost_by_dataset.get(data.dataset, {})), **shared,
+             "teacher": to_dict(study.teacher), "data": to_dict(study.boost.data or data)}
     adapt = to_dict(study.adapt)
     method_defaults = adapt.pop("methods")
-    adapt = {**adapt, **shared, "data": to_dict(study.data), "seeds": [seed],
+    adapt["optim"].update(adapt.pop("optim_by_method").get(method, {}))
+    adapt = {**adapt, **shared, "data": to_dict(data), "seeds": [seed],
              "method": {"method": method, **copy.deepcopy(method_defaults.get(method, {}))}}
     for name, value in params.items():
         if name == "method" or name.startswith("__"):

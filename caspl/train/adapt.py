@@ -226,10 +226,13 @@ class AdaptOutcome:
         return self.folder / "prompts" if self.folder is not None else None
 
 
-def run_key(cfg: AdaptRunConfig, seed: int, student: LoadedCLIP, boost_prompts: Path | None) -> str:
-    """What determines an adapting run's result (not threads, not the store location)."""
+def run_key(cfg: AdaptRunConfig, seed: int, student: LoadedCLIP, boost_prompts: Path | None,
+            dataset: Dataset) -> str:
+    """What determines an adapting run's result (not threads, not the store location). The dataset's name and
+    classes count too: a study's pseudo-novel task is a different dataset with the same data config."""
     boost_id = json.loads((boost_prompts / "MANIFEST.json").read_text())["files"] if boost_prompts else None
-    return content_key(RUN_KIND, student.identity, to_dict(cfg.data), cfg.method.to_config(), boost_id, cfg.shots,
+    return content_key(RUN_KIND, student.identity, to_dict(cfg.data), dataset.name, dataset.classnames,
+                       cfg.method.to_config(), boost_id, cfg.shots,
                        cfg.val_k, seed, cfg.subsample, cfg.augment, list(cfg.crop_scale), cfg.select,
                        to_dict(cfg.optim), cfg.runtime.precision)
 
@@ -255,7 +258,7 @@ def run_adapt(cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None = None
     model = build_adapt_model(student, cfg.method, boost_prompts, seed).set_classes(split.classnames, split.templates)
     if not model.prompt_parameters():  # zero-shot (optionally over boosting prompts): nothing to train
         return AdaptOutcome(model, None, [], 0, float("nan"), split)
-    folder = folder or store.root / "runs" / RUN_KIND / run_key(cfg, seed, student, boost_prompts)
+    folder = folder or store.root / "runs" / RUN_KIND / run_key(cfg, seed, student, boost_prompts, dataset)
     loop = _AdaptLoop(cfg, model, split, seed, folder, f"{cfg.label} seed {seed}", log)
     outcome = loop.run(on_epoch)
     save_prompt_state(model, folder / "prompts", extra={"seed": seed, "selected_epoch": outcome.selected_epoch,
