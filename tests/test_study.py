@@ -500,7 +500,7 @@ def test_smoke_test_of_the_embedded_default_logs_one_parent_and_its_trials(tmp_p
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"val_hm", "test_hm", "adapt/loss", "adapt/val_acc", "boost/kd_loss"} <= set(child.data.metrics)
-    assert "best on validation HM" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
+    assert "best on the objective" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
 
 
 def test_trial_runs_get_their_final_status_and_unknown_trials_runs_are_deleted(tmp_path):
