@@ -88,6 +88,15 @@ def test_cache_builds_once_skips_corrupt_images_and_reuses(tmp_path, ray_local):
     assert again.computed == 0 and again.teacher_views == 0 and again.folder == first.folder
     cache = LogitsCache.open(store, first.key)
     assert len(cache.usable_ids) == 6 and cache.lookup(cache.usable_ids[:2], [0, 1]).shape == (2, 3)
+    assert all(isinstance(sims, np.memmap) for sims in cache.shards)  # similarities stay on disk, mapped
+    expected = {}
+    for shard in sorted(first.folder.glob("shard-*.npz")):  # every row read back whole, for comparison
+        with np.load(shard) as npz:
+            expected.update(zip(npz["id"].tolist(), npz["sims"]))
+    ids = cache.usable_ids
+    views = [i % 2 for i in range(len(ids))]
+    assert torch.equal(cache.lookup(ids, views), torch.stack([torch.from_numpy(expected[i][v]) for i, v in
+                                                               zip(ids, views)]))
     for strict in (_cache_cfg(strict=True), _cache_cfg(strict=True, seed=5)):  # the cache above, a new one
         with pytest.raises(DataError, match="cache.strict is on") as caught:
             build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, strict, store, progress=False)

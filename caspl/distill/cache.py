@@ -360,18 +360,22 @@ def _manifest_skips(folder: Path) -> list[dict]:
 
 
 class LogitsCache:
-    """Read side: cosine similarities of the teacher for (image id, view), verified on open."""
+    """Read side: cosine similarities of the teacher for (image id, view), verified on open.
+
+    The similarity arrays stay on disk: each shard's `sims` is memory-mapped inside its (uncompressed) npz, and a
+    lookup reads only the rows it asks for, so a trial's memory does not grow with the unlabeled set.
+    """
 
     def __init__(self, folder: Path):
-        ids, sims, ok = [], [], []
-        for shard in _shards(folder):
+        self.shards: list[np.ndarray] = []  # per shard: sims [images, views, classes], memory-mapped
+        self.row: dict[str, tuple[int, int]] = {}  # image id -> (shard, row)
+        self.ok: dict[str, bool] = {}
+        for index, shard in enumerate(_shards(folder)):
             with np.load(shard, allow_pickle=False) as npz:
-                ids += npz["id"].tolist()
-                sims.append(npz["sims"])
-                ok.append(npz["ok"])
-        self.sims = torch.from_numpy(np.concatenate(sims)) if sims else torch.empty(0)
-        self.ok = np.concatenate(ok) if ok else np.zeros(0, bool)
-        self.row = {image_id: r for r, image_id in enumerate(ids)}
+                ids, ok = npz["id"].tolist(), npz["ok"].tolist()
+            self.shards.append(mapped_member(shard, "sims"))
+            self.row.update((image_id, (index, r)) for r, image_id in enumerate(ids))
+            self.ok.update(zip(ids, ok))
 
     @classmethod
     def open(cls, store: ArtifactStore, key: str) -> "LogitsCache":
@@ -383,8 +387,30 @@ class LogitsCache:
     @property
     def usable_ids(self) -> list[str]:
         """Ids of the images the teacher scored, sorted: the order shards were written in is not part of the key."""
-        return sorted(i for i, r in self.row.items() if self.ok[r])
+        return sorted(i for i, ok in self.ok.items() if ok)
 
     def lookup(self, ids: Sequence[str], views: Sequence[int]) -> torch.Tensor:
-        rows = torch.tensor([self.row[i] for i in ids])
-        return self.sims[rows, torch.tensor(list(views))]
+        """Similarities [len(ids), classes] of view `views[k]` of image `ids[k]`, read from the mapped shards."""
+        rows = [self.shards[shard][row, view] for (shard, row), view in zip((self.row[i] for i in ids), views)]
+        return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+
+
+def mapped_member(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an uncompressed npz (what np.savez writes), memory-mapped read-only; loaded if compressed."""
+    import zipfile
+
+    member = f"{name}.npy"
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(path, allow_pickle=False)[name]
+    with open(path, "rb") as handle:  # the local file header: 30 bytes, then the name and an extra field
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        handle.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                    + int.from_bytes(local[28:30], "little"))
+        major, _ = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        offset = handle.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

@@ -69,7 +69,8 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
                        trial_id)
         per_dataset = {data.dataset: trial.evaluate(data) for data in study_cfg.datasets}
         final = {"phase": "finished", "finished": True, "trial_id": trial_id,
-                 "compute_seconds": time.perf_counter() - began, **average_scores(per_dataset)}
+                 "compute_seconds": time.perf_counter() - began, "peak_rss_mb": peak_rss_mb(),
+                 **average_scores(per_dataset)}
         if len(per_dataset) > 1:
             final.update({f"{name}/{k}": v for name, scores in per_dataset.items() for k, v in scores.items()})
         final[OBJECTIVE] = final[OBJECTIVE_KEYS[study_cfg.search.objective]]
@@ -155,6 +156,13 @@ class _Trial:
                                             "trial_id": self.trial_id})
 
         return on_epoch
+
+
+def peak_rss_mb() -> float:
+    """The trial process's peak resident memory so far, in MiB (a reused worker keeps its peak across trials)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
