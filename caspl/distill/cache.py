@@ -57,10 +57,14 @@ class CacheConfig:
     strict: bool = False  # an unreadable image is an error instead of a skip
     crop_scale: tuple[float, float] = (0.08, 1.0)
     actor_restarts: int = 3  # times a fresh actor pool takes over the images left after a teacher actor died
+    actor_threads: int | None = None  # torch threads per actor; None: the machine's cores shared by the pool (the
+    #                                   cache is built before trials start, so it may use every core)
 
     def __post_init__(self):
         if self.views < 1 or self.actors < 1 or self.batch_size < 1 or self.shard_size < 1:
             raise ConfigError("cache.views, cache.actors, cache.batch_size and cache.shard_size must be >= 1")
+        if self.actor_threads is not None and self.actor_threads < 1:
+            raise ConfigError(f"cache.actor_threads must be >= 1 or null (got {self.actor_threads})")
         if self.actor_restarts < 0:
             raise ConfigError(f"cache.actor_restarts must be >= 0 (got {self.actor_restarts})")
 
@@ -169,7 +173,7 @@ def build_logits_cache(
         actor_kwargs = dict(  # the driver's resolved weights: actors neither build nor download anything
             teacher=asdict(teacher), weights=resolved, store_root=str(store.root), classnames=list(classnames),
             template=template, crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed,
-            threads=max(1, int(cfg.actor_num_cpus)))
+            threads=cfg.actor_threads or max(1, (os.cpu_count() or 1) // cfg.actors))
         _run_teacher(actor_kwargs, cfg, partial, todo, report, progress)
     _finalise(partial, key, store, report, cfg, len(images.ids))
     report.seconds = time.perf_counter() - start
