@@ -18,9 +18,10 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from caspl.methods import list_methods
+    from caspl.methods import list_methods, method_class
 
-    print("\n".join(list_methods()))
+    for name in list_methods():
+        print(f"{name:12s} {method_class(name).config_cls.kind}")
     return 0
 
 
@@ -62,7 +63,8 @@ def _command_modules() -> list:
 
     import caspl.commands
 
-    modules = [importlib.import_module(f"caspl.commands.{m.name}") for m in pkgutil.iter_modules(caspl.commands.__path__)]
+    names = [m.name for m in pkgutil.iter_modules(caspl.commands.__path__)]
+    modules = [importlib.import_module(f"caspl.commands.{name}") for name in names]
     return [m for m in modules if hasattr(m, "register")]
 
 

@@ -1,8 +1,9 @@
 """Typed configs: dataclasses built from YAML, validated before any expensive work, hashed for cache keys.
 
-`from_dict(Cls, data)` builds nested dataclasses strictly: an unknown key, a missing required key or a value of the
-wrong type is a ConfigError naming the dotted key (e.g. `boost.optim.lr`). Method sections (`boost.prompts`,
-`adapt.method`) are validated by the method registry.
+`from_dict(Cls, data)` builds nested dataclasses strictly: an unknown key, a missing required key, a value of the
+wrong type or a value outside a `Literal[...]` is a ConfigError naming the dotted key (e.g. `boost.optim.lr`).
+A class with a `from_config(data, where)` classmethod parses its own section; method sections use it to dispatch on
+their `method:` key through the method registry, so every section is typed once, at load time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from caspl.artifacts import content_key
-from caspl.errors import ConfigError
+from caspl.errors import ConfigError, FieldError
 
 T = TypeVar("T")
 
@@ -28,6 +29,13 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
+    if hasattr(cls, "from_config"):
+        return cls.from_config(data, where)
+    return build_dataclass(cls, data, where)
+
+
+def build_dataclass(cls: type[T], data: dict, where: str = "") -> T:
+    """The strict field-by-field build of `from_dict`, without a class's own `from_config` hook."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -42,6 +50,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
             raise ConfigError(f"missing required config key {key}")
     try:
         return cls(**values)
+    except FieldError as exc:
+        raise ConfigError(f"{_join(where, exc.field)} {exc.problem}") from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
@@ -65,7 +75,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"config key {key} cannot be null")
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, key)
+        return value if isinstance(value, hint) else from_dict(hint, value, key)
     if origin in (list, tuple) or hint in (list, tuple):
         origin = origin or hint
         if not isinstance(value, (list, tuple)):
@@ -78,6 +88,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key} must be a mapping, got {value!r}")
         return dict(value)
     if hint is Any:
+        return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key} is {value!r}; choose one of {list(args)}")
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -92,7 +106,24 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """The plain-data form of a config, the inverse of `from_dict` (a section's own `to_config()` is used)."""
+    if hasattr(obj, "to_config"):
+        return obj.to_config()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """A copy of config mapping `base` with `changes` applied key by key (nested mappings merged, values replaced)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def config_hash(obj: Any) -> str:

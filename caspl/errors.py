@@ -9,6 +9,14 @@ class ConfigError(CasplError):
     """An invalid config value or key."""
 
 
+class FieldError(ConfigError):
+    """A config section's own check of one field; `caspl.config.from_dict` restates it under the field's dotted key."""
+
+    def __init__(self, field: str, problem: str, owner: str = ""):
+        self.field, self.problem = field, problem
+        super().__init__(f"{owner + '.' if owner else ''}{field} {problem}")
+
+
 class DataError(CasplError):
     """A dataset folder, split file or image that cannot be used."""
 

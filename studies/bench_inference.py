@@ -23,8 +23,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs" / "adapt"
-METHODS = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
-DEPTH_KEYS = ("text_depth", "vision_depth", "depth")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="caspl-toy-student", help="open_clip architecture or caspl-* config")
     parser.add_argument("--pretrained", default=None, help="weights (default: random init; cost is the same)")
     parser.add_argument("--configs", choices=("toy", "paper"), help="method settings (default: toy for caspl-toy-*)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=base_methods(), choices=base_methods())
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--batches", type=int, default=3, help="batches per timed pass")
@@ -48,30 +46,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def method_settings(method: str, kind: str, layers: dict[str, int]) -> tuple[dict, dict]:
-    """(adapting method, boosting method) dicts from the shipped config, depths clipped to the model's layers."""
+def base_methods() -> list[str]:
+    from caspl.methods import BASE, list_methods
+
+    return list_methods(BASE)
+
+
+def method_settings(method: str, kind: str, text_layers: int, vision_layers: int):
+    """(adapting, boosting) method configs from the shipped `<method>_<kind>.yaml`, depths capped at the model's."""
     from caspl.config import from_dict, load_yaml
-    from caspl.train.adapt import AdaptRunConfig, BoostSource
+    from caspl.methods.boost import BoostConfig
+    from caspl.train.adapt import AdaptRunConfig
+    from caspl.train.boost import BoostSection
 
     cfg = from_dict(AdaptRunConfig, load_yaml(CONFIGS / f"{method}_{kind}.yaml"))
-    boost = dict(cfg.boost.method) if isinstance(cfg.boost, BoostSource) else {}
-    adapt = dict(cfg.method)
-    for settings in (adapt, boost):
-        for key in DEPTH_KEYS:
-            if key in settings:
-                settings[key] = min(settings[key], layers[key])
-    boost.setdefault("text_depth", layers["text_depth"])
-    boost.setdefault("vision_depth", layers["vision_depth"])
-    return adapt, {"method": "boost", **boost}
+    boost = cfg.boost.method if isinstance(cfg.boost, BoostSection) else BoostConfig()
+    return cfg.method.fit_depths(text_layers, vision_layers), boost.fit_depths(text_layers, vision_layers)
 
 
 def build_variants(loaded, method: str, kind: str, n_classes: int) -> dict:
     from caspl.methods import build_prompted_clip
 
     clip = loaded.model
-    layers = {"text_depth": len(clip.transformer.resblocks), "vision_depth": len(clip.visual.transformer.resblocks)}
-    layers["depth"] = min(layers.values())
-    adapt, boost = method_settings(method, kind, layers)
+    layers = len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks)
+    adapt, boost = method_settings(method, kind, *layers)
     classnames = [f"object number {i}" for i in range(n_classes)]
     variants = {}
     for name, boost_cfg in ((method, None), (f"{method}+caspl", boost)):

@@ -1,26 +1,39 @@
-"""Benchmark: how much of a study's wall time goes into trial compute rather than Ray/Tune/MLflow overhead.
+"""Benchmark: where a study's wall time goes, how it scales with trial slots, and a trial's peak memory.
 
-Runs a fresh study (the embedded default, or --config) into a temporary Tune storage, SQLite MLflow store and
-artefact store (so boosting and adapting run instead of being reused), then reports, with c = search.max_concurrent
-trial slots:
+Each run is a fresh study (the embedded default, or --config) with its own Tune storage, SQLite MLflow store and
+artefact store (so boosting and adapting run instead of being reused; the ToyWorld models are an input and are
+built before the clock starts). For a run with c = search.max_concurrent trial slots:
 
-    used       = Σ trial compute (boosting + adapting + evaluation, timed inside each trial)
-                 + c × teacher-cache build (it occupies the machine before trials start)
-    available  = c × study wall time (Ray start-up, Tune, MLflow, scheduling gaps all count against it)
-    fraction   = used / available        (target >= 0.85; the full default study within 15 minutes)
+    used            = Σ trial compute (boosting + adapting + evaluation, timed inside each trial)
+                      + c × teacher-cache build (it occupies the machine before trials start)
+    available       = c × study wall time (Ray start-up, Tune, MLflow, scheduling gaps all count against it)
+    fraction        = used / available                    (target >= 0.85)
+    trials_per_hour = finished trials / wall hours
+    peak_rss_mb     = the largest peak resident memory a trial process reported (student, cached logits, images)
 
-The last line of stdout is JSON.   python studies/bench_study_overhead.py [--smoke-test] [--config …]
+    python studies/bench_study_overhead.py                          # the default study, 2 slots
+    python studies/bench_study_overhead.py --slots 1 2              # scaling: 2 slots against 1 (target >= 1.8x)
+    python studies/bench_study_overhead.py --image-scale 1 4        # peak trial memory at 1x and 4x the images
+    python studies/bench_study_overhead.py --two-node               # also on a 2-node local cluster, 1 CPU each
+    python studies/bench_study_overhead.py --smoke-test
+
+Runs go one after the other (same seeds and trial count). The last line of stdout is JSON: every run and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,44 +44,135 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from studies.boost_sweep import DEFAULT_CONFIG, smoke_overrides  # noqa: E402
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--slots", type=int, nargs="+", default=None, help="max_concurrent values (default: config)")
+    parser.add_argument("--image-scale", type=int, nargs="+", default=[1], help="ToyWorld training images x k")
+    parser.add_argument("--two-node", action="store_true", help="also run on a 2-node local cluster, 1 CPU each")
     parser.add_argument("--smoke-test", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def study_data(args, slots: int | None, scale: int, work: Path) -> dict:
     from caspl.config import load_yaml
-    from caspl.study.config import load_study_config
-    from caspl.study.runner import run_study
 
     data = load_yaml(args.config)
     if args.smoke_test:
         data = smoke_overrides(data)
-    work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
+    if slots is not None:
+        data["search"]["max_concurrent"] = slots
+    if scale != 1:
+        options = data["data"].setdefault("options", {})
+        options["n_train"] = scale * options.get("n_train", _default_n_train())
     data["storage"] = str(work / "runs")
-    # A fresh artefact store: boosting and adapting results are content-addressed, so a warm store would reuse
-    # them and the benchmark would time only the overhead. The ToyWorld models stay in the default store and are
-    # built (if needed) before the clock starts: they are an input of the study, not part of it.
     data.setdefault("runtime", {})["store"] = str(work / "store")
-    _prebuild_models(data)
-    data["tracking"] = {"env_file": None, "tracking_uri": f"sqlite:///{work}/mlflow.db",
-                        "experiment": "bench_study_overhead"}
+    data["tracking"] = {"env_file": None, "tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "bench"}
+    return data
+
+
+def _default_n_train() -> int:
+    from caspl.data.toyworld import load_toyworld
+
+    return inspect.signature(load_toyworld).parameters["n_train"].default
+
+
+def run_local(data: dict) -> tuple[dict, float]:
+    from caspl.study.config import load_study_config
+    from caspl.study.runner import run_study
+
     began = time.time()
     summary = run_study(load_study_config(data), REPO, fresh=True, log=lambda line: print(line, file=sys.stderr))
-    wall = time.time() - began  # includes Ray start-up and everything before the first trial
+    return summary, time.time() - began  # wall includes Ray start-up and everything before the first trial
+
+
+def run_two_node(data: dict, work: Path) -> tuple[dict, float]:
+    """The study submitted to a head and a second node on this machine (1 CPU each), as on a small cluster."""
+    from studies.check_node_loss import start_cluster
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cluster = start_cluster(env)
+    try:
+        config = work / "study.yaml"
+        config.write_text(yaml.safe_dump(data))
+        began = time.time()
+        subprocess.run([sys.executable, str(REPO / "studies" / "boost_sweep.py"), "--config", str(config), "--fresh"],
+                       env={**env, "RAY_ADDRESS": cluster.address}, check=True, stdout=sys.stderr)
+        wall = time.time() - began
+    finally:
+        cluster.stop()
+    summary = json.loads((work / "runs" / data["name"] / "summary" / "summary.json").read_text())
+    return summary, wall
+
+
+def peak_rss(data: dict) -> float:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(data["tracking"]["tracking_uri"])
+    experiment = client.get_experiment_by_name(data["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id])
+    return max((r.data.metrics.get("peak_rss_mb", 0.0) for r in runs), default=0.0)
+
+
+def row(label: str, summary: dict, wall: float, data: dict) -> dict:
     slots = summary["max_concurrent"]
     used = summary["trial_compute_seconds"] + slots * summary["teacher_cache_seconds"]
-    result = {"trials": summary["trials"], "errored": summary["errored"], "max_concurrent": slots,
-              "wall_seconds": round(wall, 1), "trial_compute_seconds": summary["trial_compute_seconds"],
-              "teacher_cache_seconds": summary["teacher_cache_seconds"],
-              "compute_fraction": round(used / (slots * wall), 3)}
-    print(json.dumps(result))
-    return 0 if summary["errored"] == 0 else 1
+    return {"run": label, "trials": summary["finished"], "errored": summary["errored"], "max_concurrent": slots,
+            "wall_seconds": round(wall, 1), "trial_compute_seconds": summary["trial_compute_seconds"],
+            "teacher_cache_seconds": summary["teacher_cache_seconds"],
+            "compute_fraction": round(used / (slots * wall), 3),
+            "trials_per_hour": round(summary["finished"] / wall * 3600, 1), "peak_rss_mb": round(peak_rss(data), 1),
+            "train_images_per_class": data["data"].get("options", {}).get("n_train", _default_n_train())}
 
 
-def _prebuild_models(data: dict) -> None:
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _prebuild_models(args)
+    rows = []
+    for scale in args.image_scale:
+        for slots in args.slots or [None]:
+            work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
+            data = study_data(args, slots, scale, work)
+            summary, wall = run_local(copy.deepcopy(data))
+            rows.append(row(f"local slots={summary['max_concurrent']} images x{scale}", summary, wall, data))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.two_node:
+        _stop_local_ray()
+        work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
+        data = study_data(args, 2, 1, work)
+        summary, wall = run_two_node(data, work)
+        rows.append(row("two nodes x 1 CPU, slots=2", summary, wall, data))
+    print(json.dumps({"runs": rows, "ratios": ratios(rows)}))
+    return 0 if all(r["errored"] == 0 for r in rows) else 1
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Side-by-side ratios: trial throughput of 2 slots over 1, peak memory of the largest image scale over 1x."""
+    out = {}
+    by_slots = {r["max_concurrent"]: r for r in rows if r["run"].startswith("local") and r["run"].endswith("x1")}
+    if 1 in by_slots and 2 in by_slots:
+        out["throughput_2_slots_over_1"] = round(by_slots[2]["trials_per_hour"] / by_slots[1]["trials_per_hour"], 3)
+    local = [r for r in rows if r["run"].startswith("local")]
+    scales = sorted({r["train_images_per_class"] for r in local})
+    if len(scales) > 1:
+        low = next(r for r in local if r["train_images_per_class"] == scales[0])
+        high = next(r for r in local if r["train_images_per_class"] == scales[-1])
+        out[f"peak_rss_{scales[-1] // scales[0]}x_images_over_1x"] = round(high["peak_rss_mb"] / low["peak_rss_mb"], 3)
+    return out
+
+
+def _stop_local_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _prebuild_models(args) -> None:
+    from caspl.config import load_yaml
     from caspl.train.toyworld_pretrain import build_model
 
+    data = load_yaml(args.config)
     for role in ("student", "teacher"):
         if data[role].get("pretrained") == "toyworld":
             build_model(data[role]["name"])

@@ -14,6 +14,7 @@ temperatures reuse it (0 teacher passes each). The last line of stdout is JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +31,7 @@ from caspl.artifacts import ArtifactStore  # noqa: E402
 from caspl.config import from_dict  # noqa: E402
 from caspl.data.base import load_image  # noqa: E402
 from caspl.data.views import stack_views  # noqa: E402
-from caspl.train.boost import BoostRunConfig, _teacher_source, prepare_boost, train_boost, view_of  # noqa: E402
+from caspl.train.boost import BoostRunConfig, teacher_source, prepare_boost, train_boost, view_of  # noqa: E402
 
 
 def config(args, mode: str, temperature: float = 1.0) -> BoostRunConfig:
@@ -47,7 +48,7 @@ def config(args, mode: str, temperature: float = 1.0) -> BoostRunConfig:
 
 
 def time_teacher_alone(cfg: BoostRunConfig, inputs) -> float:
-    scorer = _teacher_source(from_dict(BoostRunConfig, {**_plain(cfg), "teacher_mode": "online"}), inputs)
+    scorer = teacher_source(dataclasses.replace(cfg, teacher_mode="online"), inputs)
     paths = dict(zip(inputs.images.ids, inputs.images.paths))
     ids = list(inputs.images.ids)
     batch = cfg.optim.batch_size
@@ -63,12 +64,6 @@ def time_epoch(cfg: BoostRunConfig, inputs) -> float:
     """Seconds of the epoch loop itself (model loading excluded, as it is for the teacher-alone timing)."""
     history = train_boost(cfg, inputs, None)["history"]
     return sum(h["boost/epoch_seconds"] for h in history)
-
-
-def _plain(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def main() -> int:

@@ -58,13 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         data = load_yaml(args.config)
         if args.smoke_test:
             data = smoke_overrides(data)
-        data.update({k: v for k, v in (("storage", args.storage), ("name", args.name)) if v})
+        data.update({k: v for k, v in (("storage", args.storage), ("name", args.name)) if v is not None})
         study = load_study_config(data)
         summary = run_study(study, REPO, fresh=args.fresh)
     except CasplError as exc:
         print(f"boost_sweep: error: {exc}", file=sys.stderr)
         return 2
-    return 0 if summary.get("errored", 0) == 0 else 1
+    except KeyboardInterrupt as exc:  # a signal outside Tune's loop (see caspl.study.signals)
+        print(f"boost_sweep: {exc or 'interrupted'}; run the same command to resume", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+    if summary["exit_code"]:
+        print(f"boost_sweep: {summary['status']}: {summary['message']}", file=sys.stderr)
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":

@@ -27,15 +27,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs" / "adapt"
 DATASETS = ("toy_faded", "toy_underwater", "toy_night")  # domains the student (almost) never saw; see README
-METHODS = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
 ZEROSHOT = "zeroshot"
+
+
+def base_methods() -> list[str]:
+    """Every registered base method (a new method file joins the table by existing)."""
+    from caspl.methods import BASE, list_methods
+
+    return list_methods(BASE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="ToyWorld base-to-novel table: methods alone and +CasPL")
     parser.add_argument("--out", default=str(ROOT / "results" / "toy_table"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=base_methods(), choices=base_methods())
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--workers", type=int, default=2, help="adapting runs in parallel (one thread each)")
     parser.add_argument("--configs", default=str(CONFIGS), help="folder with <method>_toy.yaml configs")

@@ -19,6 +19,31 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# One tiny configuration per registered prompt method (boosting aside), for the `caspl-tiny` model (3 layers per
+# tower), shared by the method, adapting and protocol tests. A new method adds its row here;
+# tests/test_methods.py checks that every registered method has one.
+METHOD_CASES: dict[str, dict] = {
+    "zeroshot": {"method": "zeroshot"},
+    "coop": {"method": "coop", "n_ctx": 4},
+    "kgcoop": {"method": "kgcoop", "n_ctx": 4, "ctx_init": None, "kg_weight": 8.0},
+    "cocoop": {"method": "cocoop", "n_ctx": 4, "meta_hidden_ratio": 4},
+    "ivlp": {"method": "ivlp", "text_length": 2, "vision_length": 3, "text_depth": 2, "vision_depth": 3,
+             "ctx_init": None},
+    "maple": {"method": "maple", "length": 2, "depth": 2},
+    "vpt": {"method": "vpt", "length": 3, "depth": 2},
+    "promptsrc": {"method": "promptsrc", "text_length": 2, "vision_length": 2, "text_depth": 3, "vision_depth": 3,
+                  "gpa_mean": 3.0, "gpa_std": 1.0},
+}
+TINY_BOOST = {"method": "boost", "text_length": 3, "vision_length": 2, "text_depth": 3, "vision_depth": 2}
+
+
+def trainable_methods() -> list[str]:
+    """The method cases that have prompts to train (every base method)."""
+    from caspl.methods import BASE, method_class
+
+    return sorted(name for name in METHOD_CASES if method_class(name).config_cls.kind == BASE)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Artefacts built by a test land in a per-session temporary store, never in the user's cache."""
@@ -49,13 +74,27 @@ def vit_b16():
     return load_clip(ModelSpec("ViT-B-16"))
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, small object store)."""
+def start_test_ray():
+    """A local Ray in this process (2 CPUs, small object store), started unless one is running."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    """The session's local Ray, started on first use and kept for the tests after (Ray stops at exit)."""
+    return start_test_ray()
+
+
+@pytest.fixture
+def without_ray():
+    """No Ray in this process, for tests asserting that a command starts none (a later ray_local starts it again)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield

@@ -1,5 +1,6 @@
 """Boosting at scale: teacher cache keys and robustness, views, resume and DDP equivalence, online == cached."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import torch
 
 from caspl.artifacts import ArtifactStore
 from caspl.config import from_dict
-from caspl.data.views import ViewSpec, make_view, model_view_spec
+from caspl.data.views import ViewSpec, make_view
 from caspl.distill.cache import (CacheConfig, LogitsCache, UnlabeledImages, build_logits_cache, cache_key)
 from caspl.distill.loss import kd_loss
 from caspl.errors import DataError
@@ -68,7 +69,8 @@ def test_views_are_reproducible_from_id_view_and_seed():
     spec = ViewSpec(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.3, 1.0))
     a, b = make_view(image, "abc", 1, 0, spec), make_view(image, "abc", 1, 0, spec)
     assert torch.equal(a, b) and a.shape == (3, 32, 32)
-    others = [make_view(image, "abc", 2, 0, spec), make_view(image, "abd", 1, 0, spec), make_view(image, "abc", 1, 1, spec)]
+    others = [make_view(image, "abc", 2, 0, spec), make_view(image, "abd", 1, 0, spec),
+              make_view(image, "abc", 1, 1, spec)]
     assert all(not torch.equal(a, o) for o in others)
     assert {view_of("0000000a", e, 3) for e in range(3)} == {0, 1, 2}
 
@@ -79,15 +81,26 @@ def test_cache_builds_once_skips_corrupt_images_and_reuses(tmp_path, ray_local):
     first = build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, _cache_cfg(), store, progress=False)
     assert first.computed == 7 and first.teacher_views == 6 * 2
     assert len(first.skipped) == 1 and "unreadable image" in first.skipped[0]["error"]
+    assert "broken0.png" in first.skipped[0]["error"] and "\n" not in first.skipped[0]["error"]  # names the file
     manifest = json.loads((first.folder / "MANIFEST.json").read_text())
     assert manifest["meta"]["skipped"][0]["id"] == first.skipped[0]["id"]
     again = build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, _cache_cfg(), store, progress=False)
     assert again.computed == 0 and again.teacher_views == 0 and again.folder == first.folder
     cache = LogitsCache.open(store, first.key)
     assert len(cache.usable_ids) == 6 and cache.lookup(cache.usable_ids[:2], [0, 1]).shape == (2, 3)
-    with pytest.raises(DataError, match="cache.strict is on"):
-        build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, _cache_cfg(strict=True, seed=5), store,
-                           progress=False)
+    assert all(isinstance(sims, np.memmap) for sims in cache.shards)  # similarities stay on disk, mapped
+    expected = {}
+    for shard in sorted(first.folder.glob("shard-*.npz")):  # every row read back whole, for comparison
+        with np.load(shard) as npz:
+            expected.update(zip(npz["id"].tolist(), npz["sims"]))
+    ids = cache.usable_ids
+    views = [i % 2 for i in range(len(ids))]
+    assert torch.equal(cache.lookup(ids, views), torch.stack([torch.from_numpy(expected[i][v]) for i, v in
+                                                               zip(ids, views)]))
+    for strict in (_cache_cfg(strict=True), _cache_cfg(strict=True, seed=5)):  # the cache above, a new one
+        with pytest.raises(DataError, match="cache.strict is on") as caught:
+            build_logits_cache(TEACHER, CLASSES, "a photo of a {}.", images, strict, store, progress=False)
+        assert "broken0.png" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_interrupted_build_keeps_finished_shards_and_recomputes_a_corrupt_one(tmp_path, ray_local):
@@ -150,10 +163,10 @@ def test_online_and_cached_teacher_give_the_same_loss_on_identical_views(tmp_pat
     inputs, _ = prepare_boost(cfg, store, progress=False)
     from caspl.data.base import load_image
     from caspl.data.views import stack_views
-    from caspl.train.boost import _teacher_source
+    from caspl.train.boost import teacher_source
 
-    cached = _teacher_source(cfg, inputs)
-    online = _teacher_source(from_dict(BoostRunConfig, {**_raw(cfg), "teacher_mode": "online"}), inputs)
+    cached = teacher_source(cfg, inputs)
+    online = teacher_source(dataclasses.replace(cfg, teacher_mode="online"), inputs)
     ids = cached.usable_ids[:6]
     views = [view_of(i, 2, cfg.cache.views) for i in ids]
     paths = dict(zip(inputs.images.ids, inputs.images.paths))
@@ -161,14 +174,8 @@ def test_online_and_cached_teacher_give_the_same_loss_on_identical_views(tmp_pat
     sims_cached = cached.lookup(ids, views)
     student = torch.randn(6, len(inputs.classnames))
     assert torch.allclose(sims_online, sims_cached, atol=1e-5)
-    assert float(kd_loss(student, 50 * sims_online, 2.0)) == pytest.approx(float(kd_loss(student, 50 * sims_cached, 2.0)),
-                                                                          rel=1e-5)
-
-
-def _raw(cfg):
-    import dataclasses
-
-    return {k: v for k, v in dataclasses.asdict(cfg).items()}
+    online_loss, cached_loss = kd_loss(student, 50 * sims_online, 2.0), kd_loss(student, 50 * sims_cached, 2.0)
+    assert float(online_loss) == pytest.approx(float(cached_loss), rel=1e-5)
 
 
 def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
@@ -182,9 +189,10 @@ def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
     assert ddp.key == single.key and not ddp.reused
     ddp_prompts, _ = read_prompt_state(ddp.prompts)
     assert set(ddp_prompts) == {"boost.text.tokens", "boost.vision.tokens"}
-    for key in single_prompts:
-        assert torch.allclose(single_prompts[key], ddp_prompts[key], atol=1e-5), key
-    assert not torch.equal(single_prompts["boost.text.tokens"][1], torch.zeros_like(ddp_prompts["boost.text.tokens"][1]))
+    for key in single_prompts:  # equal up to float rounding: measured 8.6e-6 on values up to 18.4 (README, DDP)
+        torch.testing.assert_close(ddp_prompts[key], single_prompts[key], rtol=1e-5, atol=1e-5, msg=key)
+    deeper = single_prompts["boost.text.tokens"][1]
+    assert not torch.equal(deeper, torch.zeros_like(ddp_prompts["boost.text.tokens"][1]))
     assert single.history[-1]["boost/kd_loss"] == pytest.approx(ddp.history[-1]["boost/kd_loss"], rel=1e-4)
     reused = run_boost(_boost_cfg(workers=0), store, progress=False, log=lambda s: None)
     assert reused.reused and reused.folder == ddp.folder

@@ -63,14 +63,57 @@ def test_mismatched_checkpoint_fails_with_the_culprit(tiny, tmp_path):
     (tmp_path / "pickle.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_clip(ModelSpec("caspl-tiny", pretrained=str(tmp_path / "pickle.pt")))
+
+
+@pytest.mark.parametrize("name,content", [("weights.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"),
+                                          ("weights.safetensors", b""), ("archive.pt", None)])
+def test_malformed_weight_files_fail_with_one_line(tmp_path, name, content):
+    import zipfile
+
+    path = tmp_path / name
+    if content is None:  # a zip that claims to be TorchScript but is not
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("model/code/__torch__.py", "garbage")
+            archive.writestr("model/constants.pkl", b"garbage")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_clip(ModelSpec("caspl-tiny", pretrained=str(path)))
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and ("re-download" in message or "save it" in message)
+
+
+def test_weight_sources_are_registered_and_loading_changes_no_global_state(tiny, tmp_path):
+    import logging
+
+    from safetensors.torch import save_file
+
+    from caspl.models import list_weight_sources, model_identity, register_weight_source
+
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    register_weight_source("test-source", lambda spec: tmp_path / "w.safetensors")
+    assert "test-source" in list_weight_sources()
+    root = logging.getLogger()
+    filters, level = list(root.filters), root.level
+    loaded = load_clip(ModelSpec("caspl-tiny", pretrained="test-source"))
+    assert root.filters == filters and root.level == level  # nothing left on the root logger
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    assert loaded.identity == model_identity(ModelSpec("caspl-tiny", pretrained="test-source"))
+    assert loaded.identity["weights_sha256"] is not None
+    with pytest.raises(ValueError, match="already registered"):
+        register_weight_source("test-source", lambda spec: None)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_clip(ModelSpec("caspl-tiny", pretrained=str(tmp_path / "missing.pt")))
 
 
 def test_unknown_tag_and_offline_tag_fail_fast(monkeypatch):
-    with pytest.raises(ConfigError, match="neither a file nor a tag of ViT-B-32"):
+    with pytest.raises(ConfigError, match=r"neither a file, a tag of ViT-B-32 \(tags: openai, .*\) nor a registered"):
         load_clip(ModelSpec("ViT-B-32", pretrained="nonsense"))
+    import huggingface_hub.constants
+
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
     monkeypatch.setattr(loading, "_network_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     with pytest.raises(CheckpointError, match="no network; download the weights elsewhere and set pretrained: /path"):
         load_clip(ModelSpec("ViT-B-32", pretrained="openai"))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE == offline  # the cache look-up flips no global setting

@@ -6,22 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caspl.errors import ConfigError
-from caspl.methods import build_prompted_clip, list_methods, method_config
+from caspl.errors import CheckpointError, ConfigError
+from caspl.methods import BASE, BOOST, build_prompted_clip, list_methods, method_class, method_config
 from caspl.methods.promptsrc import GaussianPromptAggregator, gaussian_epoch_weights
-from caspl.models import Insert
+from caspl.models import Insert, encode_text
+from conftest import METHOD_CASES, TINY_BOOST
 
 CLASSES = ["cat", "sea lion", "dog", "big red bus"]
 TEMPLATES = ["a photo of a {}.", "art of the {}.", "a sketch of a {}."]
-TINY_BOOST = {"method": "boost", "text_length": 3, "vision_length": 2, "text_depth": 3, "vision_depth": 2}
-TINY_ADAPT = {
-    "zeroshot": {},
-    "coop": {"n_ctx": 4},
-    "cocoop": {"n_ctx": 4, "meta_hidden_ratio": 4},
-    "ivlp": {"text_length": 2, "vision_length": 3, "text_depth": 2, "vision_depth": 3, "ctx_init": None},
-    "maple": {"length": 2, "depth": 2},
-    "promptsrc": {"text_length": 2, "vision_length": 2, "text_depth": 3, "vision_depth": 3},
-}
 
 
 def _batch(n=2):
@@ -32,19 +24,29 @@ def _batch(n=2):
 
 def _model(tiny, method, boost=None):
     torch.manual_seed(0)
-    adapt = {"method": method, **TINY_ADAPT[method]}
-    return build_prompted_clip(tiny.model, tiny.tokenizer, adapt, boost).set_classes(CLASSES, TEMPLATES)
+    return build_prompted_clip(tiny.model, tiny.tokenizer, METHOD_CASES[method], boost).set_classes(CLASSES, TEMPLATES)
 
 
-def test_registry_lists_every_method():
-    assert set(list_methods()) == {"zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "boost"}
-    with pytest.raises(ConfigError, match="unknown method 'vpt'"):
-        method_config("vpt")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['depht'\]"):
+def test_every_registered_method_has_a_test_case_and_a_kind():
+    assert set(METHOD_CASES) | {"boost"} == set(list_methods())
+    assert list_methods(BOOST) == ["boost"]
+    assert set(list_methods(BASE)) == set(list_methods()) - {"boost", "zeroshot"}
+    with pytest.raises(ConfigError, match="unknown method 'nosuch'"):
+        method_config("nosuch")
+    with pytest.raises(ConfigError, match="unknown config key maple.depht"):
         method_config("maple", depht=3)
+    with pytest.raises(ConfigError, match="coop.n_ctx must be an integer >= 1, got 0"):
+        method_config("coop", n_ctx=0)
 
 
-@pytest.mark.parametrize("method", sorted(TINY_ADAPT))
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+def test_method_config_round_trips_through_its_yaml_form(method):
+    config = method_config(method, **{k: v for k, v in METHOD_CASES[method].items() if k != "method"})
+    again = method_class(method).config_cls.from_config(config.to_config())
+    assert again == config and config.to_config()["method"] == method
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
 @pytest.mark.parametrize("with_boost", [False, True])
 def test_every_method_runs_forward_and_backward(tiny, method, with_boost):
     model = _model(tiny, method, TINY_BOOST if with_boost else None)
@@ -52,7 +54,7 @@ def test_every_method_runs_forward_and_backward(tiny, method, with_boost):
     out = model(batch["images"])
     assert out.logits.shape == (2, len(CLASSES)) and torch.isfinite(out.logits).all()
     trainable = model.prompt_parameters()
-    if method == "zeroshot":
+    if method_class(method).config_cls.kind != BASE:
         assert trainable == []
         return
     loss, parts = model.adapt.loss(out, batch, model)
@@ -165,6 +167,8 @@ VIT_B16_COUNTS = {  # derived in docs/prompt_state.md from widths 512 (text) / 7
     ("promptsrc", (("text_length", 4), ("vision_length", 4), ("text_depth", 9), ("vision_depth", 9))): 46_080,
     ("maple", (("length", 2), ("depth", 9))): 9 * 2 * 512 + 9 * (512 * 768 + 768),
     ("coop", (("n_ctx", 16),)): 16 * 512,
+    ("kgcoop", (("n_ctx", 4),)): 4 * 512,
+    ("vpt", (("length", 8), ("depth", 12))): 12 * 8 * 768,
     ("cocoop", (("n_ctx", 8),)): 8 * 512 + (512 * 32 + 32) + (32 * 512 + 512),
 }
 
@@ -176,7 +180,7 @@ def test_parameter_counts_on_vit_b16(vit_b16, method, values):
 
 
 def test_depth_beyond_the_model_is_refused(tiny):
-    with pytest.raises(ConfigError, match="depth 5 is outside 1..3"):
+    with pytest.raises(ConfigError, match="ivlp.text_depth 5 is outside 1..3"):
         build_prompted_clip(tiny.model, tiny.tokenizer, {"method": "ivlp", "text_depth": 5, "vision_depth": 2})
 
 
@@ -224,14 +228,26 @@ def test_gpa_aggregates_and_survives_a_state_round_trip():
     expected = float(w[0] * 1 + w[1] * 2 + w[2] * 3)
     assert resumed.aggregated(states[0])["adapt.t"].tolist() == pytest.approx([expected] * 2)
     assert torch.equal(resumed.aggregated(states[0])["adapt.t"], agg.aggregated(states[0])["adapt.t"])
-    with pytest.raises(ValueError, match="another epoch count"):
+    with pytest.raises(CheckpointError, match="another epoch count"):
         GaussianPromptAggregator(4, 2, 1).load_state_dict(agg.state_dict())
 
 
 def test_insert_positions_can_differ_per_sequence(tiny):
-    from caspl.models.encoders import replace_tokens
-
-    x = torch.zeros(2, 5, 3)
-    out = replace_tokens(x, torch.tensor([[1], [3]]), torch.ones(2, 1, 3))
-    assert out[0, 1].sum() == 3 and out[1, 3].sum() == 3 and out.sum() == 6
-    assert isinstance(Insert(torch.arange(1), []).at(0), type(None))
+    """Per-sequence positions [N, n] put each sequence's values at its own slots and leave every other token alone."""
+    tokens = tiny.tokenizer(["a b c d e", "a b c d e"])
+    positions = torch.tensor([[1], [3]])
+    values = torch.randn(2, 1, tiny.model.token_embedding.embedding_dim)
+    seen = []
+    hook = tiny.model.transformer.resblocks[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(a[0].detach()), with_kwargs=True)
+    with torch.no_grad():
+        plain = encode_text(tiny.model, tokens)
+        encode_text(tiny.model, tokens, [Insert(positions, [None, values])])
+    hook.remove()
+    before, after = seen
+    assert torch.equal(after[0, 1], values[0, 0]) and torch.equal(after[1, 3], values[1, 0])
+    untouched = torch.ones(after.shape[:2], dtype=torch.bool)
+    untouched[0, 1] = untouched[1, 3] = False
+    assert torch.equal(after[untouched], before[untouched])  # block 0 saw no insert: every other token is as without
+    assert not torch.equal(after[0, 3], values[1, 0])  # the rows did not share each other's slot
+    assert torch.equal(plain, encode_text(tiny.model, tokens))  # inserts leave nothing behind in the model

@@ -12,16 +12,17 @@ import caspl.train.protocols as protocols
 from caspl.config import from_dict
 from caspl.data import Dataset, Item
 from caspl.errors import ConfigError
-from caspl.methods import build_prompted_clip
+from caspl.methods import BASE, build_prompted_clip, list_methods
 from caspl.train.adapt import AdaptRunConfig
 from caspl.train.metrics import aggregate_seeds, harmonic_mean
+from conftest import METHOD_CASES
 
 SKETCH = {"dataset": "toy_sketch", "options": {"n_train": 4, "n_val": 2, "n_test": 2}}
 TEXTURES = {"dataset": "toy_textures", "options": {"n_train": 2, "n_val": 1, "n_test": 2}}
 
 
 def _cfg(method=None, **overrides) -> AdaptRunConfig:
-    data = {"student": {"name": "caspl-tiny"}, "data": SKETCH, "method": method or {"method": "coop", "n_ctx": 2},
+    data = {"student": {"name": "caspl-tiny"}, "data": SKETCH, "method": method or METHOD_CASES["coop"],
             "shots": 2, "seeds": [1, 2], "optim": {"lr": 0.01, "epochs": 1, "batch_size": 8, "warmup_epochs": 0}}
     return from_dict(AdaptRunConfig, {**data, **overrides})
 
@@ -92,8 +93,7 @@ def test_text_features_once_per_class_set_except_cocoop(tiny, monkeypatch):
     from caspl.data import build_dataset
 
     dataset = build_dataset("toy_sketch", None, **SKETCH["options"])
-    for method, expected in (({"method": "ivlp", "text_length": 2, "vision_length": 2, "text_depth": 2,
-                               "vision_depth": 2}, 2), ({"method": "cocoop", "n_ctx": 2}, 2 * 3)):
+    for method, expected in ((METHOD_CASES["ivlp"], 2), (METHOD_CASES["cocoop"], 2 * 3)):
         model = build_prompted_clip(tiny.model, tiny.tokenizer, method)
         calls = []
         original = model.encode_text
@@ -180,7 +180,7 @@ def test_toy_table_smoke_test_writes_a_row_for_every_method(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")]
     labels = [row.split("|")[1].strip() for row in rows[1:]]
-    methods = ["coop", "cocoop", "ivlp", "maple", "promptsrc"]
+    methods = list_methods(BASE)
     assert labels == ["zeroshot teacher", "zeroshot", "linear probe"] + [l for m in methods for l in (m, f"{m}+caspl")]
     assert all(len(row.split("|")) == 2 + 1 + 6 for row in rows[1:])  # label + (base, novel, HM) x (dataset, average)
     probe = [cell.strip() for cell in rows[3].split("|")[2:-1]]

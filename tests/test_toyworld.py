@@ -204,7 +204,6 @@ def test_toy_dataset_base_novel_and_few_shot(tmp_path):
     fewer_val = few_shot_split(base, 4, seed=1, store=ArtifactStore(tmp_path), val_k=2)
     assert fewer_val.train == shots.train and len(fewer_val.val) == 40 and set(fewer_val.val) <= set(base.val)
     assert few_shot_split(base, 4, seed=1, store=ArtifactStore(tmp_path), val_k=4).val == shots.val  # the default
-    with pytest.raises(ConfigError, match="validation shots"):
-        few_shot_split(base, 4, seed=1, val_k=0)
+    assert few_shot_split(base, 4, seed=1, val_k=0).val == []  # no validation images, as asked
     with pytest.raises(ConfigError):
         build_dataset("toy_shapes", tmp_path, n_train=0)

@@ -11,7 +11,8 @@ from caspl.commands.common import add_config_argument, load_config, store_for
 def register(subparsers) -> None:
     cache = subparsers.add_parser("cache", help="build (or --inspect) the teacher logits cache of a boosting config")
     add_config_argument(cache)
-    cache.add_argument("--inspect", action="store_true", help="only report the cache's state; compute nothing")
+    cache.add_argument("--inspect", action="store_true",
+                       help="only report the cache's state (complete, partial, damaged, absent); changes nothing")
     cache.set_defaults(func=run_cache)
     boost = subparsers.add_parser("boost", help="one boosting run (phase 1) from a YAML config")
     add_config_argument(boost)
@@ -36,23 +37,20 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _inspect(cfg, store) -> int:
-    from caspl.data import build_dataset, subsample_classes
-    from caspl.distill.cache import KIND, UnlabeledImages, cache_key, _finished_ids
-    from caspl.distill.teacher import model_identity
+    """Print the cache's state; read-only throughout (a dataset or teacher that is not built yet stays unbuilt)."""
+    from caspl.artifacts import WouldBuildError, read_only
+    from caspl.train.boost import inspect_teacher_cache
 
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.options)
-    scored = subsample_classes(dataset, cfg.classes)
-    items = {"train": scored.train, "train+val": scored.train + scored.val, "test": scored.test}[cfg.images]
-    images = UnlabeledImages.from_paths([i.path for i in items])
-    key = cache_key(model_identity(cfg.teacher.spec(cfg.runtime)), scored.classnames, dataset.template, cfg.cache,
-                    images.ids)
-    done = store.get(KIND, key)
-    partial = store.root / KIND / f".{key}.partial"
-    finished = len(_finished_ids(partial)) if partial.exists() else 0
-    state = "complete" if done else ("partial" if finished else "absent")
-    print(json.dumps({"key": key, "state": state, "images": len(images.ids),
-                      "images_done": len(images.ids) if done else finished,
-                      "folder": str(done or partial)}, indent=1))
+    try:
+        with read_only():
+            status = inspect_teacher_cache(cfg, store)
+    except WouldBuildError as missing:  # its inputs are not built yet, so neither is the cache
+        print(json.dumps({"key": None, "state": "absent", "images": None, "images_done": 0, "folder": None,
+                          "shards_damaged": 0, "missing": f"{missing.kind}/{missing.key}"}, indent=1))
+        return 0
+    print(json.dumps({"key": status.key, "state": status.state, "images": status.images,
+                      "images_done": status.images_done, "folder": str(status.folder),
+                      "shards_damaged": status.shards_damaged}, indent=1))
     return 0
 
 

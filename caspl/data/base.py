@@ -42,6 +42,7 @@ class Dataset:
     val: list[Item]
     test: list[Item]
     root: str  # the dataset's own folder
+    test_only: bool = False  # an evaluation-only set (e.g. ImageNet-A): empty train/val, training on it is an error
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -54,6 +55,15 @@ class Dataset:
     def prompts(self, template: str | None = None) -> list[str]:
         """The class prompts of `template` (default: the dataset's own), one per class."""
         return [(template or self.template).format(name) for name in self.classnames]
+
+
+def check_trainable(dataset: Dataset) -> None:
+    """DataError when `dataset` is test-only (it has no train/val split to train or boost on)."""
+    if dataset.test_only:
+        raise DataError(
+            f"{dataset.name} ({dataset.root}) is a test-only dataset with no train/val split; train on its source "
+            f"dataset (e.g. imagenet) and list {dataset.name} under targets: (caspl eval --protocol dg)"
+        )
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -103,6 +113,25 @@ def subsample_classes(dataset: Dataset, which: Subset | str) -> Dataset:
     )
 
 
+def pseudo_novel_split(dataset: Dataset, seed: int) -> Dataset:
+    """The base classes alone, in a seeded order, as a base-to-novel task of their own (for a study's objective).
+
+    Its base half ("pseudo-base") is what adapting trains on during a search and its novel half ("pseudo-novel") plays
+    the unseen classes, so scoring HM on its validation images uses no image or label of a real novel class. Its test
+    split is empty: a search never reads test images. The name records the rule, so cached few-shot selections and
+    adapting runs of the pseudo task never collide with the real task's.
+    """
+    base = subsample_classes(dataset, "base")
+    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, base.num_classes]).permutation(base.num_classes).tolist()
+    relabel = {old: new for new, old in enumerate(order)}
+
+    def keep(items: list[Item]) -> list[Item]:
+        return [replace(it, label=relabel[it.label]) for it in items]
+
+    return replace(base, name=f"{dataset.name}~pseudo{seed}", classnames=[base.classnames[i] for i in order],
+                   templates=list(base.templates), train=keep(base.train), val=keep(base.val), test=[])
+
+
 # ------------------------------------------------------------------------------------------------------ few-shot
 def few_shot(items: Sequence[Item], k: int, seed: int) -> list[Item]:
     """k items per class (all of a class with fewer, with a warning), in the input order.
@@ -138,30 +167,29 @@ def _canonical(items: Iterable[Item]) -> list[Item]:
     return sorted(items, key=lambda it: (it.path, it.label))
 
 
-def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | None = None,
+def few_shot_split(dataset: Dataset, k: int, seed: int, store: ArtifactStore | None = None, *,
                    val_k: int | None = None) -> Dataset:
-    """`dataset` with a k-shot train and a val_k-shot val (default min(k, 4), the paper's rule); test untouched.
+    """`dataset` with a k-shot train and a `val_k`-shot val (default: the paper's min(k, 4)); test untouched.
 
-    The selection is a function of the (sorted) item lists, k and seed only; with a store it is cached under
-    kind "fewshot", outside the dataset folder, built once even by concurrent processes.
+    The selection is a function of the (sorted) item lists, k, val_k and seed only; with a store it is cached under
+    kind "fewshot", outside the dataset folder, built once even by concurrent processes. `val_k=0` keeps no
+    validation images. A test-only dataset is a DataError: a few-shot split is what training reads.
     """
+    check_trainable(dataset)
     train, val = _canonical(dataset.train), _canonical(dataset.val)
-    default_val_k = min(k, 4)
-    val_k = default_val_k if val_k is None else int(val_k)
-    if val_k < 1:
-        raise ConfigError(f"validation shots must be >= 1 (got {val_k}); leave them unset for min(K, 4)")
+    val_k = min(k, 4) if val_k is None else val_k
     if store is None:
-        picked = {"train": few_shot(train, k, seed), "val": few_shot(val, val_k, seed)}
+        picked = {"train": few_shot(train, k, seed), "val": few_shot(val, val_k, seed) if val_k else []}
         return replace(dataset, train=picked["train"], val=picked["val"], templates=list(dataset.templates))
 
     pairs = {s: [[it.path, it.label] for it in items] for s, items in (("train", train), ("val", val))}
-    custom_val = [val_k] if val_k != default_val_k else []  # default splits keep their existing keys
-    key = content_key("fewshot", FEWSHOT_VERSION, dataset.name, pairs, int(k), int(seed), *custom_val)
+    key = content_key("fewshot", FEWSHOT_VERSION, dataset.name, pairs, int(k), int(seed),
+                      *([] if val_k == min(k, 4) else [int(val_k)]))  # the paper's default keeps its old key
 
     def build(folder: Path) -> dict:
         selection = {
             "train": [[it.path, it.label] for it in few_shot(train, k, seed)],
-            "val": [[it.path, it.label] for it in few_shot(val, val_k, seed)],
+            "val": [[it.path, it.label] for it in few_shot(val, val_k, seed)] if val_k else [],
         }
         atomic_write_text(folder / SELECTION_FILE, json.dumps(selection))
         return {"dataset": dataset.name, "k": int(k), "val_k": val_k, "seed": int(seed)}

@@ -223,6 +223,7 @@ def _read_variant_list(path: Path, image_dir: Path, label_of: dict[str, int]) ->
 # ----------------------------------------------------------------------------------------------------- ImageNet
 IMAGENET = CoopSpec("imagenet", "ImageNet", "imagenet", "images", "a photo of a {}.")
 IMAGENET_VAL_SEED = 0  # fixed: the train/val carve-out must not change with the experiment seed
+CLASSNAMES_FILE = "classnames.txt"
 
 
 @register_dataset("imagenet")
@@ -231,20 +232,20 @@ def build_imagenet(root: str | Path | None, val_per_class: int = 10) -> Dataset:
 
     Labels follow the sorted wnid folders of images/train; names come from `classnames.txt` ("wnid name").
     """
-    folder = dataset_dir(root, IMAGENET, "classnames.txt")
-    names = _read_imagenet_classnames(folder / "classnames.txt")
+    folder = dataset_dir(root, IMAGENET, CLASSNAMES_FILE)
+    names = read_imagenet_classnames(folder / CLASSNAMES_FILE)
     train_dir, test_dir = folder / "images" / "train", folder / "images" / "val"
-    wnids = _class_folders(train_dir)
-    missing = [w for w in wnids if w not in names]
+    wnids = imagenet_class_folders(train_dir)
+    missing = [w for w in wnids if not names.get(w)]
     if missing:
-        raise DataError(f"{folder / 'classnames.txt'}: no name for {missing[0]} (+{len(missing) - 1} more); "
+        raise DataError(f"{folder / CLASSNAMES_FILE}: no name for {missing[0]} (+{len(missing) - 1} more); "
                         "use the classnames.txt linked in CoOp's DATASETS.md")
-    extra = sorted(set(_class_folders(test_dir)) - set(wnids))
+    extra = sorted(set(imagenet_class_folders(test_dir)) - set(wnids))
     if extra:
         raise DataError(f"{test_dir / extra[0]}: class folder absent from {train_dir}; both must hold the same wnids")
     train, val, test = [], [], []
     for label, wnid in enumerate(wnids):
-        paths = _nonempty_images(train_dir / wnid)
+        paths = nonempty_images(train_dir / wnid)
         n_val = min(val_per_class, max(1, len(paths) // 5)) if len(paths) > 1 else 0
         order = np.random.default_rng([IMAGENET_VAL_SEED, label]).permutation(len(paths))
         held = set(order[:n_val].tolist())
@@ -257,9 +258,12 @@ def build_imagenet(root: str | Path | None, val_per_class: int = 10) -> Dataset:
                    templates=IMAGENET.bank, root=str(folder), train=train, val=val, test=test)
 
 
-def _read_imagenet_classnames(path: Path) -> dict[str, str]:
+def read_imagenet_classnames(
+    path: Path, fix: str = "download classnames.txt (link in CoOp's DATASETS.md) there"
+) -> dict[str, str]:
+    """`classnames.txt` ("<wnid> <class name>" per line) as {wnid: name}, in file order; `fix` ends the error."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found; download classnames.txt (link in CoOp's DATASETS.md) there")
+        raise DataError(f"{path}: file not found; {fix}")
     names = {}
     for line in path.read_text().splitlines():
         wnid, _, name = line.strip().partition(" ")
@@ -268,16 +272,18 @@ def _read_imagenet_classnames(path: Path) -> dict[str, str]:
     return names
 
 
-def _class_folders(split_dir: Path) -> list[str]:
+def imagenet_class_folders(split_dir: Path, what: str = "the ImageNet images") -> list[str]:
+    """Sorted names of the (non-hidden) class folders in `split_dir`; DataError when there are none."""
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir}: folder not found; extract the ImageNet images there (CoOp's DATASETS.md)")
+        raise DataError(f"{split_dir}: folder not found; extract {what} there (CoOp's DATASETS.md)")
     folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise DataError(f"{split_dir}: no class folders; extract the ImageNet images there")
+        raise DataError(f"{split_dir}: no class folders; extract {what} there (CoOp's DATASETS.md)")
     return folders
 
 
-def _nonempty_images(folder: Path) -> list[str]:
+def nonempty_images(folder: Path) -> list[str]:
+    """The images of one class folder; DataError when it has none."""
     paths = list_images(folder)
     if not paths:
         raise DataError(f"{folder}: class folder has no images; add its images or remove the folder")

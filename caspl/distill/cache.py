@@ -8,6 +8,13 @@ ids). Layout under the artefact store:
 
 A shard holds, per image: id, ok flag, error message, and cosine similarities [V, C] for its V views. An unreadable
 image is skipped, counted and named (strict mode: an error). A shard whose checksum fails is deleted and recomputed.
+
+Failures: the driver checks the teacher's weights (keys and shapes, no model in memory) before Ray starts, so bad
+weights are one line, not a traceback per actor. A teacher actor that dies fails the Ray Data execution; the driver
+keeps every finished shard and starts a fresh pool for the images left (`cache.actor_restarts` times). Ray's own actor
+restarts stay off: Ray Data passes its pool's constructor state (the pickled map function with our constructor
+arguments, and its DataContext) as object-store references, for which Ray 2.60 does not guarantee a restart and logs
+an error line per actor when restarts are on (ray-project/ray#53727, #57733).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import io
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,14 +33,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caspl.artifacts import ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, sha256_file, write_manifest
+from caspl.artifacts import (ArtifactStore, atomic_write_bytes, atomic_write_text, content_key, read_only,
+                             sha256_file, write_manifest)
 from caspl.data.base import load_image
 from caspl.data.views import make_view
+from caspl.distill.teacher import FORWARD_VIEWS
 from caspl.errors import ConfigError, DataError
-from caspl.models import ModelSpec
+from caspl.models import ModelSpec, check_weights, model_identity, resolve_checkpoint
 
 KIND = "teacher_logits"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: scores in fixed-size teacher passes (bit-identical whatever the batching; see FORWARD_VIEWS)
 
 
 @dataclass
@@ -46,10 +56,17 @@ class CacheConfig:
     shard_size: int = 512  # images per shard file
     strict: bool = False  # an unreadable image is an error instead of a skip
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    actor_restarts: int = 3  # times a fresh actor pool takes over the images left after a teacher actor died
+    actor_threads: int | None = None  # torch threads per actor; None: the machine's cores shared by the pool (the
+    #                                   cache is built before trials start, so it may use every core)
 
     def __post_init__(self):
         if self.views < 1 or self.actors < 1 or self.batch_size < 1 or self.shard_size < 1:
             raise ConfigError("cache.views, cache.actors, cache.batch_size and cache.shard_size must be >= 1")
+        if self.actor_threads is not None and self.actor_threads < 1:
+            raise ConfigError(f"cache.actor_threads must be >= 1 or null (got {self.actor_threads})")
+        if self.actor_restarts < 0:
+            raise ConfigError(f"cache.actor_restarts must be >= 0 (got {self.actor_restarts})")
 
 
 @dataclass
@@ -80,21 +97,21 @@ def _content_id(path: str) -> str:
 
 def cache_key(teacher_identity: dict, classnames: Sequence[str], template: str, cfg: CacheConfig,
               image_ids: Sequence[str]) -> str:
-    return content_key(CACHE_VERSION, teacher_identity, list(classnames), template, list(cfg.crop_scale),
-                       cfg.views, cfg.seed, list(image_ids))
+    return content_key(CACHE_VERSION, FORWARD_VIEWS, teacher_identity, list(classnames), template,
+                       list(cfg.crop_scale), cfg.views, cfg.seed, list(image_ids))
 
 
 class TeacherActor:
     """Ray Data callable class: {"id", "path"} batches -> {"id", "ok", "error", "sims" [n, V, C]}."""
 
-    def __init__(self, teacher: dict, store_root: str, classnames: list[str], template: str,
-                 crop_scale: list[float], views: int, seed: int, threads: int = 1):
+    def __init__(self, teacher: dict, weights: tuple[str | None, dict], store_root: str, classnames: list[str],
+                 template: str, crop_scale: list[float], views: int, seed: int, threads: int = 1):
         from caspl.distill.teacher import TeacherScorer, load_teacher, teacher_text_features
 
         torch.set_num_threads(max(1, threads))
-        loaded = load_teacher(ModelSpec(**teacher))
+        loaded = load_teacher(ModelSpec(**teacher), weights)  # weights resolved by the driver: actors build nothing
         text = teacher_text_features(loaded, classnames, template, ArtifactStore(store_root))
-        self.scorer = TeacherScorer(loaded, text, crop_scale)
+        self.scorer = TeacherScorer(loaded, text, crop_scale, pass_size=FORWARD_VIEWS)
         self.spec = self.scorer.view_spec
         self.views, self.seed, self.n_classes = views, seed, len(classnames)
 
@@ -109,7 +126,7 @@ class TeacherActor:
                 errors.append("")
             except DataError as exc:
                 ok.append(False)
-                errors.append(str(exc)[:300])
+                errors.append(" ".join(str(exc).split())[:300])  # one line, whatever the decoder said
         sims = np.zeros((len(ids), self.views, self.n_classes), dtype=np.float32)
         if tensors:
             scores = self.scorer(torch.stack(tensors)).numpy().reshape(-1, self.views, self.n_classes)
@@ -139,62 +156,106 @@ def build_logits_cache(
     progress: bool = True,
 ) -> BuildReport:
     """Make sure the cache for these inputs exists; compute only what no finished shard holds."""
-    from caspl.distill.teacher import model_identity
-
     start = time.perf_counter()
     key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
     if (done := store.get(KIND, key)) is not None:
-        return BuildReport(done, key, reused=len(images.ids), skipped=_manifest_skips(done))
+        skipped = _manifest_skips(done)
+        _check_strict(cfg, skipped)  # built earlier without strict (strict is not part of the key)
+        return BuildReport(done, key, reused=len(images.ids), skipped=skipped)
+    resolved = resolve_checkpoint(teacher)
+    check_weights(teacher, resolved)  # bad weights: one line here, before anything is written or any actor starts
     partial = store.root / KIND / f".{key}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     finished = _finished_ids(partial)
     todo = [(i, p) for i, p in zip(images.ids, images.paths) if i not in finished]
     report = BuildReport(store.folder(KIND, key), key, reused=len(images.ids) - len(todo))
     if todo:
-        _run_teacher(teacher, classnames, template, cfg, store, partial, todo, report, progress)
+        actor_kwargs = dict(  # the driver's resolved weights: actors neither build nor download anything
+            teacher=asdict(teacher), weights=resolved, store_root=str(store.root), classnames=list(classnames),
+            template=template, crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed,
+            threads=cfg.actor_threads or max(1, (os.cpu_count() or 1) // cfg.actors))
+        _run_teacher(actor_kwargs, cfg, partial, todo, report, progress)
     _finalise(partial, key, store, report, cfg, len(images.ids))
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _run_teacher(teacher, classnames, template, cfg, store, partial, todo, report, progress) -> None:
-    import ray.data
-    from ray.data import ActorPoolStrategy
+def _run_teacher(actor_kwargs: dict, cfg: CacheConfig, partial: Path, todo: list[tuple[str, str]],
+                 report: "BuildReport", progress: bool) -> None:
+    """Score `todo` through a Ray Data actor pool, one shard per `cfg.shard_size` images; survive dead actors."""
+    from ray.exceptions import RayActorError
 
     from caspl.ray_env import ensure_ray
 
     ensure_ray()
+    bar = _progress(len(todo), progress)
+    restarts = 0
+    while True:
+        try:
+            _stream_through_pool(actor_kwargs, cfg, partial, todo, report, bar)
+            break
+        except RayActorError as exc:
+            finished = _finished_ids(partial)
+            todo = [(i, p) for i, p in todo if i not in finished]
+            if restarts == cfg.actor_restarts:
+                raise RuntimeError(
+                    f"teacher actors died {restarts + 1} time(s) ({_first_line(exc)}); {len(todo)} images are left "
+                    f"and the finished shards are kept in {partial}: run again, and check the actors' memory "
+                    "(cache.batch_size, cache.actor_num_cpus/actor_num_gpus)") from exc
+            restarts += 1
+            print(f"[caspl] a teacher actor died ({_first_line(exc)}); a new actor pool takes the {len(todo)} "
+                  f"images left (restart {restarts} of {cfg.actor_restarts})", flush=True)
+    if bar is not None:
+        bar.close()
+
+
+def _stream_through_pool(actor_kwargs: dict, cfg: CacheConfig, partial: Path, todo: list[tuple[str, str]],
+                         report: "BuildReport", bar) -> None:
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = ray.data.from_items([{"id": i, "path": p} for i, p in todo])
-    ds = ds.map_batches(
-        TeacherActor,
-        fn_constructor_kwargs=dict(
-            teacher=asdict(teacher), store_root=str(store.root), classnames=list(classnames), template=template,
-            crop_scale=list(cfg.crop_scale), views=cfg.views, seed=cfg.seed, threads=max(1, int(cfg.actor_num_cpus))),
-        compute=ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size,
-        num_cpus=cfg.actor_num_cpus,
-        num_gpus=cfg.actor_num_gpus or None,
-        batch_format="numpy",
-    )
-    bar = _progress(len(todo), progress)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only through its deprecated **ray_remote_args: that deprecation is ours to
+        # handle (when Ray 2.64 removes them), not the user's, so it is not shown on every build.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(
+            TeacherActor,
+            fn_constructor_kwargs=actor_kwargs,
+            compute=ActorPoolStrategy(size=cfg.actors),
+            batch_size=cfg.batch_size,
+            num_cpus=cfg.actor_num_cpus,
+            num_gpus=cfg.actor_num_gpus or None,
+            batch_format="numpy",
+            max_restarts=0,  # restarts by the driver, from the finished shards (see the module docstring)
+            max_task_retries=0,
+        )
     next_shard = _next_shard_index(partial)
     for batch in ds.iter_batches(batch_size=cfg.shard_size, batch_format="numpy"):
+        skipped = [{"id": i, "error": e} for i, ok, e in zip(batch["id"], batch["ok"], batch["error"]) if not ok]
+        _check_strict(cfg, skipped)  # before the shard is written: a rerun meets the same error
         _write_shard(partial / f"shard-{next_shard:05d}.npz", batch)
         next_shard += 1
         n, n_ok = len(batch["id"]), int(batch["ok"].sum())
         report.computed += n
         report.teacher_views += n_ok * cfg.views
-        for image_id, ok, error in zip(batch["id"], batch["ok"], batch["error"]):
-            if not ok:
-                if cfg.strict:
-                    raise DataError(f"unreadable image {image_id}: {error} (cache.strict is on)")
-                print(f"[caspl] skipped image {image_id}: {error}")
+        for skip in skipped:
+            print(f"[caspl] skipped image {skip['id']}: {skip['error']}")
         if bar is not None:
             bar.update(n)
-    if bar is not None:
-        bar.close()
+
+
+def _check_strict(cfg: CacheConfig, skipped: list[dict]) -> None:
+    if cfg.strict and skipped:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise DataError(f"unreadable image {skipped[0]['id']}: {skipped[0]['error']}{more} (cache.strict is on)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 def _progress(total: int, enabled: bool):
@@ -215,19 +276,21 @@ def _write_shard(path: Path, batch: dict[str, np.ndarray]) -> None:
                                                               "images": len(batch["id"])}))
 
 
-def _read_shard(path: Path) -> dict[str, np.ndarray] | None:
-    """A shard's arrays, or None when it is unfinished or fails its checksum (then it is deleted)."""
+def _read_shard(path: Path, repair: bool = True) -> dict[str, np.ndarray] | None:
+    """A shard's arrays, or None when it is unfinished or fails its checksum (then, with `repair`, it is deleted)."""
     sidecar = path.with_suffix(".json")
     try:
         expected = json.loads(sidecar.read_text())["sha256"]
         if sha256_file(path) == expected:
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-        print(f"[caspl] warning: teacher shard {path.name} fails its checksum; recomputing its images")
+        if repair:
+            print(f"[caspl] warning: teacher shard {path.name} fails its checksum; recomputing its images")
     except (OSError, ValueError, KeyError):
         pass
-    for stale in (path, sidecar):
-        stale.unlink(missing_ok=True)
+    if repair:
+        for stale in (path, sidecar):
+            stale.unlink(missing_ok=True)
     return None
 
 
@@ -235,12 +298,43 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.npz"))
 
 
-def _finished_ids(partial: Path) -> set[str]:
+def _finished_ids(partial: Path, repair: bool = True) -> set[str]:
     ids: set[str] = set()
     for shard in _shards(partial):
-        if (arrays := _read_shard(shard)) is not None:
+        if (arrays := _read_shard(shard, repair)) is not None:
             ids.update(arrays["id"].tolist())
     return ids
+
+
+@dataclass
+class CacheStatus:
+    key: str
+    state: str  # complete | partial | damaged | absent
+    images: int
+    images_done: int
+    folder: Path
+    shards_damaged: int = 0  # partial: shards that fail their checksum (the next build recomputes their images)
+
+
+def inspect_cache(teacher: ModelSpec, classnames: Sequence[str], template: str, images: UnlabeledImages,
+                  cfg: CacheConfig, store: ArtifactStore) -> CacheStatus:
+    """Where the cache for these inputs stands, read-only: nothing is computed, moved or deleted.
+
+    complete: the finished folder verifies; damaged: it exists but fails its manifest (the next build moves it aside
+    and recomputes); partial: some shards are finished; absent: nothing yet. Runs inside `read_only()`, so a weight
+    source that would have to build the teacher raises WouldBuildError instead.
+    """
+    with read_only():
+        key = cache_key(model_identity(teacher), classnames, template, cfg, images.ids)
+        n = len(images.ids)
+        state = store.status(KIND, key)
+        if state != "absent":
+            return CacheStatus(key, state, n, n if state == "complete" else 0, store.folder(KIND, key))
+        partial = store.root / KIND / f".{key}.partial"
+        shards = _shards(partial) if partial.is_dir() else []
+        readable = [arrays for shard in shards if (arrays := _read_shard(shard, repair=False)) is not None]
+        done = len({i for arrays in readable for i in arrays["id"].tolist()})
+        return CacheStatus(key, "partial" if done else "absent", n, done, partial, len(shards) - len(readable))
 
 
 def _next_shard_index(partial: Path) -> int:
@@ -256,6 +350,7 @@ def _finalise(partial: Path, key: str, store: ArtifactStore, report: BuildReport
         if arrays is None:
             raise RuntimeError(f"teacher shard {shard} vanished while finishing the cache; run again")
         skipped += [{"id": i, "error": e} for i, ok, e in zip(arrays["id"], arrays["ok"], arrays["error"]) if not ok]
+    _check_strict(cfg, skipped)  # shards written by an earlier run without strict
     report.skipped = skipped
     write_manifest(partial, key, {"kind": KIND, "images": n_images, "views": cfg.views, "skipped": skipped})
     try:
@@ -269,18 +364,22 @@ def _manifest_skips(folder: Path) -> list[dict]:
 
 
 class LogitsCache:
-    """Read side: cosine similarities of the teacher for (image id, view), verified on open."""
+    """Read side: cosine similarities of the teacher for (image id, view), verified on open.
+
+    The similarity arrays stay on disk: each shard's `sims` is memory-mapped inside its (uncompressed) npz, and a
+    lookup reads only the rows it asks for, so a trial's memory does not grow with the unlabeled set.
+    """
 
     def __init__(self, folder: Path):
-        ids, sims, ok = [], [], []
-        for shard in _shards(folder):
+        self.shards: list[np.ndarray] = []  # per shard: sims [images, views, classes], memory-mapped
+        self.row: dict[str, tuple[int, int]] = {}  # image id -> (shard, row)
+        self.ok: dict[str, bool] = {}
+        for index, shard in enumerate(_shards(folder)):
             with np.load(shard, allow_pickle=False) as npz:
-                ids += npz["id"].tolist()
-                sims.append(npz["sims"])
-                ok.append(npz["ok"])
-        self.sims = torch.from_numpy(np.concatenate(sims)) if sims else torch.empty(0)
-        self.ok = np.concatenate(ok) if ok else np.zeros(0, bool)
-        self.row = {image_id: r for r, image_id in enumerate(ids)}
+                ids, ok = npz["id"].tolist(), npz["ok"].tolist()
+            self.shards.append(mapped_member(shard, "sims"))
+            self.row.update((image_id, (index, r)) for r, image_id in enumerate(ids))
+            self.ok.update(zip(ids, ok))
 
     @classmethod
     def open(cls, store: ArtifactStore, key: str) -> "LogitsCache":
@@ -291,8 +390,31 @@ class LogitsCache:
 
     @property
     def usable_ids(self) -> list[str]:
-        return [i for i, r in self.row.items() if self.ok[r]]
+        """Ids of the images the teacher scored, sorted: the order shards were written in is not part of the key."""
+        return sorted(i for i, ok in self.ok.items() if ok)
 
     def lookup(self, ids: Sequence[str], views: Sequence[int]) -> torch.Tensor:
-        rows = torch.tensor([self.row[i] for i in ids])
-        return self.sims[rows, torch.tensor(list(views))]
+        """Similarities [len(ids), classes] of view `views[k]` of image `ids[k]`, read from the mapped shards."""
+        rows = [self.shards[shard][row, view] for (shard, row), view in zip((self.row[i] for i in ids), views)]
+        return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+
+
+def mapped_member(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an uncompressed npz (what np.savez writes), memory-mapped read-only; loaded if compressed."""
+    import zipfile
+
+    member = f"{name}.npy"
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(path, allow_pickle=False)[name]
+    with open(path, "rb") as handle:  # the local file header: 30 bytes, then the name and an extra field
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        handle.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                    + int.from_bytes(local[28:30], "little"))
+        major, _ = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        offset = handle.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from caspl.distill.loss import kd_loss
-from caspl.methods.base import MethodConfig, register_method
-from caspl.methods.ivlp import IVLP
+from caspl.errors import FieldError
+from caspl.methods.base import BOOST, register_method
+from caspl.methods.ivlp import IVLP, IVLPConfig
 
 
 @dataclass
-class BoostConfig(MethodConfig):
+class BoostConfig(IVLPConfig):
     name = "boost"
+    kind = BOOST
     text_length: int = 8
     vision_length: int = 8
     text_depth: int = 12
@@ -26,10 +28,9 @@ class BoostConfig(MethodConfig):
     temperature: float = 1.0
 
     def __post_init__(self):
-        from caspl.errors import ConfigError
-
+        super().__post_init__()
         if self.temperature <= 0:
-            raise ConfigError(f"boost.temperature must be > 0, got {self.temperature}")
+            raise FieldError("temperature", f"must be > 0, got {self.temperature}", self.name)
 
 
 @register_method(BoostConfig)
@@ -39,5 +40,6 @@ class Boost(IVLP):
         self.leftover_words = ""  # boosting tokens never keep init words: adapting tokens sit between SOS and them
 
     def loss(self, out, batch, model):
+        """τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) against `batch["teacher_logits"]` [B, C] (no labels)."""
         loss = kd_loss(out.logits, batch["teacher_logits"], self.config.temperature)
         return loss, {"kd": float(loss.detach())}

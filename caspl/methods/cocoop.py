@@ -14,6 +14,7 @@ from caspl.models.prompts import PromptGroup
 @dataclass
 class CoCoOpConfig(MethodConfig):
     name = "cocoop"
+    length_fields = ("n_ctx",)
     n_ctx: int = 8
     ctx_init: str | None = None
     meta_hidden_ratio: int = 16  # hidden width = embed_dim // ratio

@@ -20,6 +20,7 @@ POSITIONS = ("end", "middle", "front")
 @dataclass
 class CoOpConfig(MethodConfig):
     name = "coop"
+    length_fields = ("n_ctx",)
     n_ctx: int = 16
     ctx_init: str | None = None  # e.g. "a photo of a" (used when it has at least n_ctx words)
     class_specific: bool = False
@@ -27,6 +28,7 @@ class CoOpConfig(MethodConfig):
     num_classes: int | None = None  # required when class_specific
 
     def __post_init__(self):
+        super().__post_init__()
         if self.class_token_position not in POSITIONS:
             raise ConfigError(f"coop.class_token_position {self.class_token_position!r} is not one of {POSITIONS}")
         if self.class_specific and not self.num_classes:

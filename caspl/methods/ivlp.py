@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from caspl.methods.base import MethodConfig, PromptMethod, init_from_words, register_method
-from caspl.models.prompts import PromptGroup, check_depth
+from caspl.models.prompts import PromptGroup
 
 
 @dataclass
 class IVLPConfig(MethodConfig):
     name = "ivlp"
+    depth_fields = {"text_depth": "text", "vision_depth": "vision"}
+    length_fields = ("text_length", "vision_length")
     text_length: int = 4
     vision_length: int = 4
     text_depth: int = 9
@@ -25,8 +27,6 @@ class IVLP(PromptMethod):
     def __init__(self, config: IVLPConfig, clip: nn.Module, tokenizer):
         super().__init__(config, clip, tokenizer)
         dims = self.dims
-        check_depth(config.text_depth, dims.text_layers, f"{config.name} text")
-        check_depth(config.vision_depth, dims.vision_layers, f"{config.name} vision")
         init, self.leftover_words = init_from_words(clip, tokenizer, config.ctx_init, config.text_length)
         self.text = PromptGroup(config.text_length, config.text_depth, dims.text_width, input_init=init)
         self.vision = PromptGroup(config.vision_length, config.vision_depth, dims.vision_width)

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from caspl.methods.base import MethodConfig, PromptMethod, init_from_words, register_method
-from caspl.models.prompts import PromptGroup, check_depth
+from caspl.models.prompts import PromptGroup
 
 
 @dataclass
 class MaPLeConfig(MethodConfig):
     name = "maple"
+    depth_fields = {"depth": "both"}
+    length_fields = ("length",)
     length: int = 2
     depth: int = 9
     ctx_init: str | None = "a photo of a"
@@ -23,7 +25,6 @@ class MaPLe(PromptMethod):
     def __init__(self, config: MaPLeConfig, clip: nn.Module, tokenizer):
         super().__init__(config, clip, tokenizer)
         dims = self.dims
-        check_depth(config.depth, min(dims.text_layers, dims.vision_layers), "maple")
         init, self.leftover_words = init_from_words(clip, tokenizer, config.ctx_init, config.length)
         self.text = PromptGroup(config.length, config.depth, dims.text_width, input_init=init)
         self.projections = nn.ModuleList(nn.Linear(dims.text_width, dims.vision_width) for _ in range(config.depth))

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caspl.methods.base import PromptMethod, register_method
+from caspl.errors import CheckpointError
+from caspl.methods.base import register_method
 from caspl.methods.ivlp import IVLP, IVLPConfig
 
 
@@ -34,6 +35,7 @@ class PromptSRC(IVLP):
     def __init__(self, config: PromptSRCConfig, clip: nn.Module, tokenizer):
         super().__init__(config, clip, tokenizer)
         self.register_buffer("zs_text_features", torch.empty(0), persistent=False)
+        self.gpa: GaussianPromptAggregator | None = None
 
     def on_classes(self, model) -> None:
         self.zs_text_features = model.zeroshot_text_features(self.config.templates or model.templates)
@@ -49,6 +51,25 @@ class PromptSRC(IVLP):
         l1_image = F.l1_loss(out.image_features, zs_image) * cfg.image_loss_weight
         parts = {"ce": ce, "scl_logits": kl, "scl_text": l1_text, "scl_image": l1_image}
         return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+
+    # GPA: every epoch's prompts are folded into a Gaussian-weighted running sum, which training ends with.
+    def on_train_begin(self, num_epochs: int) -> None:
+        self.gpa = GaussianPromptAggregator(num_epochs, self.config.gpa_mean, self.config.gpa_std)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.gpa.add_epoch(epoch, self.state_dict())
+
+    def training_state(self) -> dict:
+        return self.gpa.state_dict()
+
+    def load_training_state(self, state: dict | None) -> None:
+        if state is None:
+            raise CheckpointError("this PromptSRC checkpoint holds no GPA state, so it cannot resume; "
+                                  "delete it to restart")
+        self.gpa.load_state_dict(state)
+
+    def final_prompts(self) -> dict[str, torch.Tensor]:
+        return self.gpa.aggregated(self.state_dict())
 
 
 def gaussian_epoch_weights(num_epochs: int, mean: float, std: float) -> torch.Tensor:
@@ -73,7 +94,8 @@ class GaussianPromptAggregator:
         weight = float(self.weights[epoch - 1])
         for key, value in prompt_state.items():
             if value.is_floating_point():
-                self.total[key] = self.total.get(key, torch.zeros_like(value, dtype=torch.float64)) + weight * value.double()
+                start = self.total.get(key, torch.zeros_like(value, dtype=torch.float64))
+                self.total[key] = start + weight * value.double()
         self.epochs_done.append(epoch)
 
     def aggregated(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,8 +107,7 @@ class GaussianPromptAggregator:
 
     def load_state_dict(self, state: dict) -> None:
         if not torch.equal(state["weights"], self.weights):
-            raise ValueError("GPA state was saved for another epoch count or Gaussian; it cannot resume this run")
+            raise CheckpointError("GPA state was saved for another epoch count or Gaussian; it cannot resume this run")
         self.total, self.epochs_done = dict(state["total"]), list(state["epochs_done"])
 
 
-__all__ = ["PromptSRC", "PromptSRCConfig", "GaussianPromptAggregator", "gaussian_epoch_weights", "PromptMethod"]

@@ -12,16 +12,13 @@ It never contains CLIP weights: kilobytes to a few megabytes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from caspl.artifacts import CorruptArtifactError, verify_folder, write_manifest
+from caspl.artifacts import CorruptArtifactError, atomic_folder, verify_folder, write_manifest
 from caspl.errors import CheckpointError
 from caspl.models.cascade import ADAPT, BOOST, PromptedCLIP
 
@@ -30,33 +27,20 @@ TENSORS, CONFIG = "prompts.safetensors", "prompts.json"
 
 
 def method_configs(model: PromptedCLIP) -> dict:
-    return {role: getattr(model, role).config.to_dict() if getattr(model, role) is not None else None
+    return {role: getattr(model, role).config.to_config() if getattr(model, role) is not None else None
             for role in (ADAPT, BOOST)}
 
 
 def save_prompt_state(model: PromptedCLIP, folder: str | Path, extra: dict | None = None) -> Path:
     """Write the prompt tensors and configs of `model` to `folder` atomically (replacing an older checkpoint)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.prompt_state_dict().items()}
     meta = {"format": FORMAT, **method_configs(model), "shapes": {k: list(v.shape) for k, v in state.items()},
             **(extra or {})}
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder, replace=True) as tmp:
         save_file(state, str(tmp / TENSORS))
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True))
         write_manifest(tmp, key=folder.name, meta={"kind": "prompts"})
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from caspl.methods.base import MethodConfig, PromptMethod, register_method
+from caspl.methods.base import ZEROSHOT, MethodConfig, PromptMethod, register_method
 from caspl.models.layout import Segment, Slot, template_segments
 
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
     name = "zeroshot"
+    kind = ZEROSHOT
     template: str | None = None  # None: the dataset's own template
 
 

@@ -62,7 +62,8 @@ class PromptedCLIP(nn.Module):
         self.layout: TextLayout | None = None
 
     # --- classes --------------------------------------------------------------------------------------------
-    def set_classes(self, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> "PromptedCLIP":
+    def set_classes(self, classnames: Sequence[str],
+                    templates: Sequence[str] = ("a photo of a {}.",)) -> "PromptedCLIP":
         self.classnames, self.templates = list(classnames), list(templates)
         boost_slot = Slot(BOOST, self.boost.text_length) if self.boost is not None else None
         if self.adapt is not None:

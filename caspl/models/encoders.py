@@ -65,7 +65,8 @@ def encode_text(model, token_ids: torch.Tensor, inserts: Sequence[Insert] = (), 
     x = model.ln_final(x)
     x = text_global_pool(x, token_ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        projection = model.text_projection
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
     return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 

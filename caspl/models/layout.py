@@ -57,7 +57,8 @@ def template_segments(template: str) -> list[Segment]:
     return [s for s in (Words(before.strip()), NAME, Words(after.strip())) if not (isinstance(s, Words) and not s.text)]
 
 
-def build_text_layout(tokenizer, classnames: Sequence[str], segments: Sequence[Segment], context_length: int) -> TextLayout:
+def build_text_layout(tokenizer, classnames: Sequence[str], segments: Sequence[Segment],
+                      context_length: int) -> TextLayout:
     placeholder = tokenizer.encode(PLACEHOLDER)
     rows, positions = [], {s.name: [] for s in segments if isinstance(s, Slot)}
     for classname in classnames:

@@ -47,7 +47,3 @@ class PromptGroup(nn.Module):
     def extra_repr(self) -> str:
         return f"length={self.length}, depth={self.depth}, width={self.width}, frozen={self.frozen}"
 
-
-def check_depth(depth: int, num_layers: int, what: str) -> None:
-    if not 1 <= depth <= num_layers:
-        raise ConfigError(f"{what} depth {depth} is outside 1..{num_layers} (the model has {num_layers} layers)")

@@ -1,25 +1,48 @@
-"""Build, run and resume a study on Ray Tune with Optuna; every check that can fail runs before Ray starts."""
+"""Build, run and resume a study on Ray Tune with Optuna.
+
+The order is the point:
+1. `prepare_study` checks everything before Ray starts (`checks.py`, the study folder, the artefact store, the
+   tracking store, a resumed study's config and parent run): a problem is one line and exit code 2.
+2. `--fresh` deletes the study folder, and only it (a folder a killed `--fresh` left behind is finished off).
+3. The start is atomic with respect to resume: the study state (a uid and the config hash) is written first; the
+   parent run is found by that uid or created, then recorded. A kill at any instant leaves no state, or one the
+   rerun continues from with the same parent run. Tune is restored from its newest complete session
+   (`StudyFolder.settle_tune_state`), else started afresh under the same parent run.
+4. Trials run with `FailureConfig(max_failures)`: a trial whose worker process or node dies is retried on another
+   worker from its last checkpoint, under the same MLflow run.
+5. The end settles every run: each trial's child run gets its final status, runs of trials Tune never recorded are
+   deleted, the finished trials are counted against the configured number, the summary is published in the study
+   folder, and the parent run gets FINISHED (exit 0), FAILED (exit 1; the rerun finishes the rest) or KILLED
+   (exit 128 + signal). A failure or interrupt before the end closes the open runs FAILED or KILLED.
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
+import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from caspl import __version__
-from caspl.artifacts import ArtifactStore, atomic_write_text
+from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict, to_dict
 from caspl.errors import ConfigError
+from caspl.study import signals
+from caspl.study.checks import check_resources, check_study, local_resources
 from caspl.study.config import StudyConfig
-from caspl.study.space import SearchSpace, build_space, trial_configs
-from caspl.study.tracking import (TrackingSettings, check_tracking, delete_orphan_trial_runs, start_parent_run,
-                                  tracking_settings)
+from caspl.study.report import summarise, trial_rows
+from caspl.study.space import SearchSpace, trial_configs
+from caspl.study.storage import StudyFolder, normalise_storage, probe_writable
+from caspl.study.tracking import (TrackingSettings, check_parent_run, check_tracking, client, close_open_runs,
+                                  open_parent_run, settle_trial_runs, tracking_settings)
 
-OBJECTIVE = "val_hm"
-STATE_FILE = "caspl_study.json"
+__all__ = ["OBJECTIVE", "PreparedStudy", "check_study", "prepare_study", "run_study"]
+
+OBJECTIVE = "objective"  # the metric Tune and Optuna maximise: the value of `search.objective`
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -27,93 +50,164 @@ class PreparedStudy:
     study: StudyConfig
     space: SearchSpace
     tracking: TrackingSettings
-    storage: str
-    experiment_dir: str
+    folder: StudyFolder
     store: ArtifactStore
+    state: dict = field(default_factory=dict)  # the study state found in the folder ({} for a new study)
     teacher_cache_seconds: float = 0.0
 
+    @property
+    def experiment_dir(self) -> str:
+        return self.folder.path
 
-def prepare_study(study: StudyConfig, repo_root: Path) -> PreparedStudy:
-    """Validate the whole study without starting Ray: data, models, space, run configs, tracking."""
-    from caspl.data.registry import resolve_name
-    from caspl.models import architecture_config
 
-    resolve_name(study.data.dataset)
-    layers = _student_layers(architecture_config(study.student.name))
-    architecture_config(study.teacher.name)
-    space = build_space(study, layers)
-    _check_run_configs(study, space)
+def prepare_study(study: StudyConfig, repo_root: Path, log: Log = print, *, fresh: bool = False) -> PreparedStudy:
+    """Every check that can run before Ray: the config (what trials build), resources of a local Ray, the study
+    folder, the artefact store and the tracking store (written to, as a probe), and a resumed study's state."""
+    space = check_study(study)
+    if _local_ray(study):
+        check_resources(study, local_resources(study))
     env_file = study.tracking.env_file
     if env_file is not None and not Path(env_file).is_absolute():
         env_file = repo_root / env_file
-    tracking = tracking_settings(env_file, study.tracking.tracking_uri, study.tracking.experiment)
+    tracking = tracking_settings(env_file, study.tracking.tracking_uri, study.tracking.experiment, log=log)
     check_tracking(tracking)
-    storage = study.storage if "://" in study.storage else str(Path(study.storage).expanduser().resolve())
-    experiment_dir = f"{storage.rstrip('/')}/{study.name}"
-    return PreparedStudy(study, space, tracking, storage, experiment_dir, ArtifactStore(study.runtime.store))
+    store = ArtifactStore(study.runtime.store)
+    folder = StudyFolder(normalise_storage(study.storage), study.name)
+    folder.check(_protected_paths(store, tracking))
+    probe_writable(store.root, "artefact store (runtime.store or $CASPL_CACHE)")
+    state = {} if fresh else folder.read_state()
+    if state and not state.get("deleting"):
+        if state.get("config_hash") != config_hash(study):
+            raise ConfigError(f"{folder.path} holds a study with another config; use --fresh or another name")
+        if state.get("parent_run_id"):
+            check_parent_run(tracking, state["parent_run_id"], folder.path)
+    return PreparedStudy(study, space, tracking, folder, store, state)
 
 
-def _student_layers(cfg: dict) -> int:
-    return min(int(cfg["vision_cfg"]["layers"]), int(cfg["text_cfg"]["layers"]))
+def _local_ray(study: StudyConfig) -> bool:
+    """Whether the study starts its own Ray here (so its resources are known before it starts). A cluster in
+    $RAY_ADDRESS may autoscale: what it has now is no limit."""
+    ray = sys.modules.get("ray")
+    return not os.environ.get("RAY_ADDRESS") and not (ray is not None and ray.is_initialized())
 
 
-def _check_run_configs(study: StudyConfig, space: SearchSpace) -> None:
-    """Build the boost and adapt configs at both ends of every range, so a bad key fails now, not in trial 7."""
-    from caspl.train.adapt import AdaptRunConfig
-    from caspl.train.boost import BoostRunConfig
+def _log_cluster(log: Log) -> None:
+    import ray
 
-    for method in study.methods:
-        for end in (0, -1):
-            params = {"method": method}
-            for name, spec in space.params.items():
-                owner = name.split(".", 1)[0]
-                if owner in study.methods and owner != method:
-                    continue
-                values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
-                params[name] = int(values[end]) if spec["type"] == "int" else values[end]
-            _, boost, adapt = trial_configs(study, params, seed=study.search.seeds[0])
-            from_dict(BoostRunConfig, boost, "boost")
-            from_dict(AdaptRunConfig, adapt, "adapt")
+    have = ray.cluster_resources()
+    log(f"[study] Ray cluster now: {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs, "
+        f"{len(ray.nodes())} node(s) (an autoscaling cluster may add more)")
 
 
-def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: Callable[[str], None] = print):
-    """Run (or resume) the study; returns the summary dict (also logged to the parent MLflow run)."""
+def _protected_paths(store: ArtifactStore, tracking: TrackingSettings) -> dict[str, Path]:
+    """Folders and files the study folder must not contain (its --fresh would delete them)."""
+    paths = {"artefact store": store.root}
+    if tracking.tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking.tracking_uri[len("sqlite:///"):])
+        paths.update({"MLflow database": db, "MLflow artefact folder": db.parent / "mlartifacts"})
+    return paths
+
+
+def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: Log = print) -> dict:
+    """Run (or resume) the study; returns the summary, whose `status` and `exit_code` say how it ended."""
+    from caspl.ray_env import ensure_ray
+
+    prepared = prepare_study(study, repo_root, log, fresh=fresh)
+    if fresh or prepared.state.get("deleting"):
+        if prepared.folder.remove():
+            log(f"[study] --fresh: removed {prepared.folder.path}")
+        prepared.state = {}
+    local = _local_ray(study)
+    ensure_ray(num_cpus=study.resources.ray_num_cpus)
+    if not local:
+        _log_cluster(log)
+    with signals.handled() as interrupts:
+        started = time.time()
+        _warm_shared_artifacts(prepared, log)
+        prepared.teacher_cache_seconds = time.time() - started
+        parent = _open_study(prepared)
+        try:
+            return _run(prepared, parent, interrupts, started, log)
+        except BaseException as exc:
+            close_open_runs(prepared.tracking, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+
+
+def _open_study(prepared: PreparedStudy) -> str:
+    """The atomic start: the study state first, then the parent run (found by the state's uid, or created), then
+    the state again with the parent run's id. Returns the parent run id."""
+    study, folder = prepared.study, prepared.folder
+    state = dict(prepared.state)
+    if not state:
+        state = {"uid": uuid.uuid4().hex, "config_hash": config_hash(study), "version": __version__}
+        folder.write_state(state)
+    state.setdefault("uid", uuid.uuid4().hex)  # a study started by an older version
+    parent = open_parent_run(prepared.tracking, study.name, state["uid"], _study_tags(study, folder),
+                             state.get("parent_run_id"))
+    if state.get("parent_run_id") != parent:
+        folder.write_state({**state, "parent_run_id": parent})
+    return parent
+
+
+def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, started: float, log: Log) -> dict:
+    study = prepared.study
+    tuner = _tuner(prepared, parent, log)
+    try:
+        results = tuner.fit()
+    finally:
+        interrupts.rearm()  # Tune leaves its own SIGINT handler behind
+    rows = trial_rows(results)
+    verdict = _verdict(study, rows, interrupts.signum)
+    orphans = settle_trial_runs(prepared.tracking, parent, {row["trial_id"]: row["status"] for row in rows})
+    if orphans:
+        log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")
+    summary = summarise(prepared, rows, parent, time.time() - started, verdict, log)
+    client(prepared.tracking).set_terminated(parent, verdict["status"])
+    return summary
+
+
+def _verdict(study: StudyConfig, rows: list[dict], signum: int | None) -> dict:
+    """The study's status and exit code from its trials: each row gets its run's final status too."""
+    for row in rows:
+        if row["done"]:
+            row["status"] = "FINISHED"
+        elif row["error"] is not None:
+            row["status"] = "FAILED"
+        elif signum is None and study.search.scheduler is not None:
+            row["status"], row["done"] = "FINISHED", True  # stopped early by the scheduler: that is its end
+        else:
+            row["status"] = "KILLED"
+    done, expected = sum(row["done"] for row in rows), study.search.trials
+    if signum is not None:
+        return {"status": "KILLED", "exit_code": 128 + signum, "done": done, "expected": expected,
+                "message": f"interrupted with {done}/{expected} trials done; run the same command to resume"}
+    if done != expected:
+        return {"status": "FAILED", "exit_code": 1, "done": done, "expected": expected,
+                "message": f"only {done} of the {expected} configured trials finished "
+                           f"({sum(r['status'] == 'FAILED' for r in rows)} errored); run the same command again "
+                           "to finish the rest"}
+    return {"status": "FINISHED", "exit_code": 0, "done": done, "expected": expected,
+            "message": f"all {expected} trials finished"}
+
+
+def _tuner(prepared: PreparedStudy, parent: str, log: Log):
+    """Tune restored from the newest complete session of the study folder, or a new Tuner."""
     from ray import tune
 
-    from caspl.ray_env import ensure_ray
-    from caspl.study.report import summarise
     from caspl.study.trial import run_trial
 
-    prepared = prepare_study(study, repo_root)
-    ensure_ray(num_cpus=study.resources.ray_num_cpus)
-    if fresh and _remove_experiment(prepared.experiment_dir):
-        log(f"[study] --fresh: removed {prepared.experiment_dir}")
-    resumable = tune.Tuner.can_restore(prepared.experiment_dir) if not fresh else False
-    state = _read_state(prepared.experiment_dir) if resumable else {}
-    if resumable and state.get("config_hash") not in (None, config_hash(study)):
-        raise ConfigError(f"{prepared.experiment_dir} holds a study with another config; use --fresh or another name")
-    started = time.time()
-    _warm_shared_artifacts(prepared, log)
-    prepared.teacher_cache_seconds = time.time() - started
-    parent = start_parent_run(prepared.tracking, study.name, _study_tags(study), state.get("parent_run_id"))
-    _write_state(prepared.experiment_dir,
-                 {"parent_run_id": parent, "config_hash": config_hash(study), "version": __version__})
+    study, folder = prepared.study, prepared.folder
     context = {"tracking": {"tracking_uri": prepared.tracking.tracking_uri,
                             "experiment": prepared.tracking.experiment},
                "parent_run_id": parent, "store": str(prepared.store.root)}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, study=to_dict(study), context=context),
         {"cpu": study.resources.trial_cpus, "gpu": study.resources.trial_gpus})
-    if resumable:
-        log(f"[study] resuming {prepared.experiment_dir} (finished trials are kept, errored ones resumed)")
-        tuner = tune.Tuner.restore(prepared.experiment_dir, trainable, resume_errored=True)
-    else:
-        tuner = _new_tuner(prepared, trainable)
-    results = tuner.fit()
-    orphans = delete_orphan_trial_runs(prepared.tracking, parent, {PurePosixPath(r.path).name for r in results})
-    if orphans:
-        log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")
-    return summarise(prepared, results, parent, time.time() - started, log)
+    if folder.settle_tune_state(len(study.search.seeds)):
+        log(f"[study] resuming {folder.path} (finished trials are kept, errored ones resumed)")
+        fs, path = folder.filesystem()
+        return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=fs)
+    return _new_tuner(prepared, trainable)
 
 
 def _new_tuner(prepared: PreparedStudy, trainable):
@@ -133,20 +227,20 @@ def _new_tuner(prepared: PreparedStudy, trainable):
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
-    elif search.scheduler is not None:
-        raise ConfigError(f"search.scheduler {search.scheduler!r} must be null or 'asha'")
     reporter = tune.CLIReporter(
-        metric_columns={"phase": "phase", "epoch": "epoch", OBJECTIVE: "val HM", "test_hm": "test HM"},
+        metric_columns={"phase": "phase", "epoch": "epoch", OBJECTIVE: "objective", "test_hm": "test HM"},
         parameter_columns={k: k for k in ["method", *prepared.space.params]}, max_report_frequency=30)
+    storage_path, fs = prepared.folder.tune_storage()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=search.num_samples * len(search.seeds),
+                                    num_samples=search.trials,
                                     reuse_actors=True,  # a new trial skips the worker start and its imports
                                     trial_name_creator=lambda t: f"{study.name}_{t.trial_id}",
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=study.name, storage_path=prepared.storage, progress_reporter=reporter,
-                                  verbose=1),
+        run_config=tune.RunConfig(name=study.name, storage_path=storage_path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
+                                  callbacks=[signals.InterruptWatch()], progress_reporter=reporter, verbose=1),
     )
 
 
@@ -158,60 +252,17 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     study = prepared.study
     for model in (study.student, study.teacher):  # weights built on first use (ToyWorld): here, not in a trial
         load_clip(model.spec(study.runtime))
-    params = {"method": study.methods[0]}
-    _, boost, _ = trial_configs(study, params, study.search.seeds[0])
     if any(name.startswith("boost.cache.") for name in prepared.space.params):
         log("[study] the teacher cache itself is searched: each cache variant is built by the first trial needing it")
         return
-    _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
-    log(f"[study] teacher cache {report.key}: {report.computed} images computed, {report.reused} reused, "
-        f"{len(report.skipped)} skipped -> {report.folder}")
+    for data in study.datasets:
+        _, boost, _ = trial_configs(study, {"method": study.methods[0]}, study.search.seeds[0], data)
+        _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
+        log(f"[study] teacher cache for {data.dataset} {report.key}: {report.computed} images computed, "
+            f"{report.reused} reused, {len(report.skipped)} skipped -> {report.folder}")
 
 
-def _study_tags(study: StudyConfig) -> dict:
-    return {"caspl.version": __version__, "caspl.config_hash": config_hash(study), "dataset": study.data.dataset,
-            "student": study.student.name, "teacher": study.teacher.name}
-
-
-def _read_state(experiment_dir: str) -> dict:
-    """The study's own state next to Tune's (the parent run id), from a local path or any URI Tune accepts."""
-    if "://" not in experiment_dir:
-        path = Path(experiment_dir) / STATE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
-    fs, root = _filesystem(experiment_dir)
-    path = f"{root}/{STATE_FILE}"
-    if fs.get_file_info(path).type.name == "NotFound":
-        return {}
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode())
-
-
-def _write_state(experiment_dir: str, state: dict) -> None:
-    if "://" not in experiment_dir:
-        Path(experiment_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(experiment_dir) / STATE_FILE, json.dumps(state, indent=1))
-        return
-    fs, root = _filesystem(experiment_dir)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{STATE_FILE}") as stream:  # object stores replace an object atomically
-        stream.write(json.dumps(state, indent=1).encode())
-
-
-def _remove_experiment(experiment_dir: str) -> bool:
-    """Delete a study's Tune folder (for --fresh); False when there is none."""
-    if "://" not in experiment_dir:
-        if not Path(experiment_dir).exists():
-            return False
-        shutil.rmtree(experiment_dir)
-        return True
-    fs, root = _filesystem(experiment_dir)
-    if fs.get_file_info(root).type.name == "NotFound":
-        return False
-    fs.delete_dir(root)
-    return True
-
-
-def _filesystem(uri: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(uri)
+def _study_tags(study: StudyConfig, folder: StudyFolder) -> dict:
+    datasets = ",".join(d.dataset for d in study.datasets)
+    return {"caspl.version": __version__, "caspl.config_hash": config_hash(study), "dataset": datasets,
+            "student": study.student.name, "teacher": study.teacher.name, "caspl.study_folder": folder.path}

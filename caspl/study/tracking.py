@@ -19,6 +19,7 @@ from caspl.errors import ConfigError
 ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 TRIAL_TAG = "caspl.trial_id"
 STUDY_TAG = "caspl.study"
+UID_TAG = "caspl.study_uid"  # one per study start (a --fresh study gets a new one): finds a parent run not recorded
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,28 @@ class TrackingSettings:
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
-    """KEY=VALUE lines of a dotenv file (comments and blank lines ignored)."""
-    values = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "=" not in line:
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
-        key, value = line.split("=", 1)
-        values[key.strip()] = value.strip().strip('"').strip("'")
-    return values
+    """The KEY=VALUE pairs of a dotenv file, parsed by python-dotenv (`export`, quotes and `# comments` handled)."""
+    from dotenv import dotenv_values
+
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"MLflow env file {path} cannot be read ({exc}); fix it or set tracking.env_file") from None
+    empty = [key for key, value in values.items() if value is None]
+    if empty:
+        raise ConfigError(f"{path}: line {empty[0]!r} has no '='; write KEY=VALUE")
+    return dict(values)
 
 
 def tracking_settings(env_file: str | Path | None, tracking_uri: str | None = None,
-                      experiment: str | None = None) -> TrackingSettings:
-    """Resolve settings: explicit arguments, then environment variables, then the env file, then defaults."""
+                      experiment: str | None = None, log=None) -> TrackingSettings:
+    """Resolve settings: explicit arguments, then environment variables, then the env file, then defaults.
+
+    Of the env file only MLflow's own keys (`MLFLOW_*`) are used: the tracking URI and experiment go into the
+    settings, the others (e.g. MLFLOW_DISABLE_TELEMETRY, credentials for a tracking server) into the environment
+    unless already set there. Any other key (PYTHONPATH, RAY_ADDRESS, ...) is ignored, so it cannot change how Ray
+    starts or which code runs.
+    """
     file_values: dict[str, str] = {}
     base = Path.cwd()
     if env_file is not None:
@@ -58,12 +65,15 @@ def tracking_settings(env_file: str | Path | None, tracking_uri: str | None = No
         if not env_path.is_file():
             raise ConfigError(f"MLflow env file {env_path} does not exist; create it or set tracking.env_file")
         file_values, base = read_env_file(env_path), env_path.parent
+        ignored = sorted(k for k in file_values if not k.startswith("MLFLOW_"))
+        if ignored and log is not None:
+            log(f"[study] {env_path.name}: ignoring non-MLflow keys {', '.join(ignored)}")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or file_values.get("MLFLOW_TRACKING_URI") \
         or "sqlite:///mlflow.db"
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or file_values.get("MLFLOW_EXPERIMENT_NAME") \
         or "caspl"
-    for key, value in file_values.items():  # e.g. MLFLOW_DISABLE_TELEMETRY; never override the caller's environment
-        if key not in ENV_KEYS:
+    for key, value in file_values.items():
+        if key.startswith("MLFLOW_") and key not in ENV_KEYS:
             os.environ.setdefault(key, value)
     return TrackingSettings(absolute_uri(uri, base), name)
 
@@ -80,10 +90,7 @@ def check_tracking(settings: TrackingSettings, timeout: float = 5.0) -> None:
     """Fail fast, before Ray starts, when the tracking store cannot be used."""
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} is missing or not writable; fix "
-                              "MLFLOW_TRACKING_URI in mlflow.env")
+        _check_sqlite_store(uri)
         return
     if uri.startswith(("http://", "https://")):
         try:
@@ -94,6 +101,27 @@ def check_tracking(settings: TrackingSettings, timeout: float = 5.0) -> None:
         return
     if "://" in uri and not uri.startswith(("file://", "databricks")):
         raise ConfigError(f"MLflow tracking URI {uri} has an unsupported scheme; use sqlite:///, http(s):// or a path")
+
+
+def _check_sqlite_store(uri: str) -> None:
+    """The database file and its artefact folder can be written: tried, since root passes every mode check."""
+    from caspl.study.storage import probe_writable
+
+    db = Path(uri[len("sqlite:///"):])
+    fix = "fix MLFLOW_TRACKING_URI in mlflow.env (or tracking.tracking_uri)"
+    if not db.parent.is_dir():
+        raise ConfigError(f"MLflow tracking URI {uri}: folder {db.parent} does not exist; {fix}")
+    probe_writable(db.parent, "MLflow tracking folder")
+    if db.exists():
+        try:
+            with open(db, "ab"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"MLflow tracking database {db} cannot be written ({exc.strerror or exc}); "
+                              f"{fix}") from None
+    artifacts = db.parent / "mlartifacts"
+    if artifacts.exists():
+        probe_writable(artifacts, "MLflow artefact folder")
 
 
 def client(settings: TrackingSettings):
@@ -113,46 +141,93 @@ def experiment_id(settings: TrackingSettings) -> str:
         return mlflow_client.get_experiment_by_name(settings.experiment).experiment_id
 
 
-def start_parent_run(settings: TrackingSettings, study: str, tags: Mapping[str, str], run_id: str | None) -> str:
-    """The study's parent run: `run_id` when resuming (reopened), else a new run."""
+def check_parent_run(settings: TrackingSettings, run_id: str, folder: str) -> None:
+    """ConfigError when the parent run recorded in a study's state is not in this tracking store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client(settings).get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        raise ConfigError(f"the study in {folder} logs to parent run {run_id}, which tracking store "
+                          f"{settings.tracking_uri} does not hold (another store, or deleted); use the study's "
+                          "tracking store, or start over with --fresh")
+
+
+def open_parent_run(settings: TrackingSettings, study: str, uid: str, tags: Mapping[str, str],
+                    run_id: str | None) -> str:
+    """The study's parent run, (re)opened as RUNNING: `run_id` from the study state, else the run tagged with the
+    study's uid (a start killed between creating the run and recording it), else a new run."""
     mlflow_client = client(settings)
-    if run_id is not None:
-        mlflow_client.update_run(run_id, status="RUNNING")
-        return run_id
-    run = mlflow_client.create_run(experiment_id(settings), run_name=study, tags={STUDY_TAG: study, **tags})
-    return run.info.run_id
+    if run_id is None:
+        found = mlflow_client.search_runs([experiment_id(settings)], filter_string=f"tags.`{UID_TAG}` = '{uid}'")
+        run_id = found[0].info.run_id if found else None
+    if run_id is None:
+        run = mlflow_client.create_run(experiment_id(settings), run_name=study,
+                                       tags={STUDY_TAG: study, UID_TAG: uid, **tags})
+        return run.info.run_id
+    mlflow_client.update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def trial_run(settings: TrackingSettings, parent_run_id: str, trial_id: str, run_name: str,
               tags: Mapping[str, str], known_run_id: str | None = None) -> str:
-    """The child run of a trial: the one recorded in its checkpoint, else the one tagged with its id, else new."""
+    """The child run of a trial: the one recorded in its checkpoint, else the one tagged with its id, else new.
+    A run found again (a retried or resumed trial) is reopened unless it had finished."""
     mlflow_client = client(settings)
-    if known_run_id is not None:
-        return known_run_id
-    exp = experiment_id(settings)
-    found = mlflow_client.search_runs(
-        [exp], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    if found:
-        return found[0].info.run_id
-    run = mlflow_client.create_run(exp, run_name=run_name,
-                                   tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **tags})
-    return run.info.run_id
+    run_id = known_run_id
+    if run_id is None:
+        found = mlflow_client.search_runs([experiment_id(settings)], filter_string=(
+            f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"))
+        run_id = found[0].info.run_id if found else None
+    if run_id is None:
+        run = mlflow_client.create_run(experiment_id(settings), run_name=run_name,
+                                       tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **tags})
+        return run.info.run_id
+    if mlflow_client.get_run(run_id).info.status not in ("RUNNING", "FINISHED"):
+        mlflow_client.update_run(run_id, status="RUNNING")
+    return run_id
 
 
-def delete_orphan_trial_runs(settings: TrackingSettings, parent_run_id: str, trial_ids: set[str]) -> list[str]:
-    """Delete the child runs of trials that Tune never recorded; returns their run ids.
+def child_runs(settings: TrackingSettings, parent_run_id: str) -> list:
+    """Every (active) child run of a parent run, all pages."""
+    mlflow_client, runs, token = client(settings), [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id(settings)], page_token=token, max_results=1000,
+                                         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def settle_trial_runs(settings: TrackingSettings, parent_run_id: str, statuses: Mapping[str, str]) -> list[str]:
+    """Give each trial's child run its final status ({trial id: FINISHED | FAILED | KILLED}) and delete the runs of
+    trials Tune never recorded; returns the deleted run ids.
 
     A study killed after a trial created its run but before Tune's next experiment-state save forgets that trial;
     on resume the searcher suggests again under a new trial id, so the old run would be a duplicate. (MLflow deletes
     softly: `mlflow gc` purges, the UI's "deleted" filter still shows them.)
     """
-    mlflow_client = client(settings)
-    children = mlflow_client.search_runs([experiment_id(settings)],
-                                         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    orphans = [run.info.run_id for run in children if run.data.tags.get(TRIAL_TAG) not in trial_ids]
-    for run_id in orphans:
-        mlflow_client.delete_run(run_id)
+    mlflow_client, orphans = client(settings), []
+    for run in child_runs(settings, parent_run_id):
+        status = statuses.get(run.data.tags.get(TRIAL_TAG))
+        if status is None:
+            mlflow_client.delete_run(run.info.run_id)
+            orphans.append(run.info.run_id)
+        elif run.info.status != status:
+            mlflow_client.set_terminated(run.info.run_id, status)
     return orphans
+
+
+def close_open_runs(settings: TrackingSettings, parent_run_id: str, status: str) -> None:
+    """End the parent run and its still-open child runs with `status` (FAILED or KILLED), after a study broke off."""
+    mlflow_client = client(settings)
+    for run in child_runs(settings, parent_run_id):
+        if run.info.status == "RUNNING":
+            mlflow_client.set_terminated(run.info.run_id, status)
+    mlflow_client.set_terminated(parent_run_id, status)
 
 
 def log_metrics(settings: TrackingSettings, run_id: str, metrics: Mapping[str, float], step: int) -> None:

@@ -1,4 +1,6 @@
-"""One Tune trial: boosting (reused by key), adapting with per-epoch validation HM, final test numbers, MLflow.
+"""One Tune trial: on each of the study's datasets, boosting (reused by key), the adapting run that drives the
+objective (per-epoch validation HM of the pseudo-novel task, or of the labelled base and novel classes), the adapting
+run on the real base classes for test numbers, and the method-alone baseline; then their average, to Tune and MLflow.
 
 The trial's checkpoint holds its MLflow run id and the adapting run's resumable state, so a trial resumed after a
 crash continues both its training and its MLflow run (no duplicate runs).
@@ -8,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,24 +23,26 @@ from caspl.config import config_hash, from_dict
 from caspl.study.config import load_study_config
 from caspl.study.space import trial_configs
 from caspl.study.tracking import TrackingSettings, client, log_metrics, log_params, trial_run
+from caspl.train.metrics import harmonic_mean
 
 TRIAL_STATE = "trial_state.json"
 
 
 def run_trial(config: dict, study: dict, context: dict) -> None:
+    """Tune's function trainable. A failure marks the trial's run FAILED before Tune sees it (Tune may retry the
+    trial from its last checkpoint, and the retry reopens the same run); a worker or node that dies cannot, so the
+    driver settles every run's final status when the study ends."""
+    import ray
     from ray import tune
 
-    from caspl.train.adapt import AdaptRunConfig, load_dataset
-    from caspl.train.boost import BoostRunConfig, run_boost
+    from caspl.train.adapt import AdaptRunConfig
 
     study_cfg = load_study_config(study)
     seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
     method, boost_dict, adapt_dict = trial_configs(study_cfg, params, seed)
-    boost_cfg = from_dict(BoostRunConfig, boost_dict, "boost")
     adapt_cfg = from_dict(AdaptRunConfig, adapt_dict, "adapt")
     tracking = TrackingSettings(**context["tracking"])
-    store = ArtifactStore(context["store"])
     trial_id = tune.get_context().get_trial_id()
     work = Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
     state = _restore(work)
@@ -46,47 +52,148 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
                              "caspl.adapt_config_hash": config_hash(adapt_cfg)},
                        known_run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = run_id
-    log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict), **_flat("adapt", adapt_dict)})
+    state["attempt"] = state.get("attempt", 0) + 1  # starts of this trial: retries after a failure, resumes
+    client(tracking).set_tag(run_id, "caspl.attempt", str(state["attempt"]))
+    client(tracking).set_tag(run_id, "caspl.node_id", ray.get_runtime_context().get_node_id())
+    with _guarded(tracking, run_id, work):
+        log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict),
+                                      **_flat("adapt", adapt_dict)})
 
-    if "final" in state:  # finished before a crash: report the same result again, touch nothing else
-        _finish_mlflow(tracking, run_id, state["final"])
-        tune.report(state["final"])
-        return
+        if "final" in state:  # finished before a crash: report the same result again, touch nothing else
+            _finish_mlflow(tracking, run_id, state["final"])
+            tune.report(state["final"])
+            return
 
-    began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
-    boost = run_boost(boost_cfg, store, progress=False, log=lambda line: None)
-    if "boost/kd_loss" not in client(tracking).get_run(run_id).data.metrics:
+        began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
+        trial = _Trial(study_cfg, params, seed, ArtifactStore(context["store"]), tracking, run_id, work, state,
+                       trial_id)
+        per_dataset = {data.dataset: trial.evaluate(data) for data in study_cfg.datasets}
+        final = {"phase": "finished", "finished": True, "trial_id": trial_id,
+                 "compute_seconds": time.perf_counter() - began, "peak_rss_mb": peak_rss_mb(),
+                 **average_scores(per_dataset)}
+        if len(per_dataset) > 1:
+            final.update({f"{name}/{k}": v for name, scores in per_dataset.items() for k, v in scores.items()})
+        final[OBJECTIVE] = final[OBJECTIVE_KEYS[study_cfg.search.objective]]
+        state["final"] = final
+        _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
+        _finish_mlflow(tracking, run_id, final)
+
+
+OBJECTIVE = "objective"  # the metric Tune maximises (caspl.study.runner.OBJECTIVE)
+OBJECTIVE_KEYS = {"pseudo_novel": "pseudo_hm", "val_hm": "val_hm"}  # search.objective -> the final metric it reads
+
+
+class _Trial:
+    """One trial's work on each dataset: boosting, the objective's adapting run, the test run, the baseline."""
+
+    def __init__(self, study, params: dict, seed: int, store: ArtifactStore, tracking: TrackingSettings,
+                 run_id: str, work: Path, state: dict, trial_id: str):
+        self.study, self.params, self.seed, self.store = study, params, seed, store
+        self.tracking, self.run_id, self.work, self.state, self.trial_id = tracking, run_id, work, state, trial_id
+        self.epochs_reported = 0
+        self.prefix = ""
+
+    def evaluate(self, data) -> dict[str, float]:
+        """Scores on one dataset: pseudo_* (label-free objective), val_*, test_*, baseline_test_*."""
+        from caspl.data import pseudo_novel_split
+        from caspl.train.adapt import AdaptRunConfig, load_dataset
+        from caspl.train.boost import BoostRunConfig, run_boost
+
+        _, boost_dict, adapt_dict = trial_configs(self.study, self.params, self.seed, data)
+        boost_cfg, cfg = from_dict(BoostRunConfig, boost_dict, "boost"), from_dict(AdaptRunConfig, adapt_dict, "adapt")
+        self.prefix = f"{data.dataset}/" if len(self.study.datasets) > 1 else ""
+        boost = run_boost(boost_cfg, self.store, progress=False, log=lambda line: None)
+        self._log_boost(boost)
+        dataset = load_dataset(cfg.data)
+        scores = {}
+        if self.study.search.objective == "pseudo_novel":  # the searcher's signal: no novel-class label is read
+            pseudo = pseudo_novel_split(dataset, self.study.search.pseudo_split_seed)
+            search = self._adapt(cfg, pseudo, boost.prompts, splits=("val",), report=True)
+            scores.update(_prefixed("pseudo", search["val"]))
+        result = self._adapt(cfg, dataset, boost.prompts, splits=("val", "test"),
+                             report=self.study.search.objective == "val_hm")
+        scores.update({**_prefixed("val", result["val"]), **_prefixed("test", result["test"])})
+        if self.study.baselines:  # the method without CasPL; its run is content-addressed: once per method and seed
+            alone = self._adapt(replace(cfg, boost=None), dataset, None, splits=("test",), report=False)
+            scores.update(_prefixed("baseline_test", alone["test"]))
+        if self.mlflow_status() != "FINISHED":
+            _log_artifacts(self.tracking, self.run_id, result, boost_dict, adapt_dict, self.prefix)
+        return scores
+
+    def mlflow_status(self) -> str:
+        return client(self.tracking).get_run(self.run_id).info.status
+
+    def _log_boost(self, boost) -> None:
+        metrics = client(self.tracking).get_run(self.run_id).data.metrics
+        if f"{self.prefix}boost/kd_loss" in metrics:  # logged before a resume
+            return
         for epoch in boost.history:
-            log_metrics(tracking, run_id, {k: v for k, v in epoch.items() if k.startswith("boost/")}, epoch["epoch"])
-        client(tracking).set_tag(run_id, "caspl.boost_key", boost.key)
-        client(tracking).set_tag(run_id, "caspl.teacher_cache_key", boost.cache_key)
+            log_metrics(self.tracking, self.run_id,
+                        {self.prefix + k: v for k, v in epoch.items() if k.startswith("boost/")}, epoch["epoch"])
+        client(self.tracking).set_tag(self.run_id, f"caspl.{self.prefix}boost_key", boost.key)
+        client(self.tracking).set_tag(self.run_id, f"caspl.{self.prefix}teacher_cache_key", boost.cache_key)
 
-    dataset = load_dataset(adapt_cfg.data)
-    final_extra = {}
-    if study_cfg.baselines:  # the method without CasPL; its run is content-addressed, so it trains once per study
-        alone = adapt_and_evaluate(replace(adapt_cfg, boost=None), seed, store, dataset, boost_prompts=None)
-        final_extra = {f"baseline_{split}_{k}": v for split in ("val", "test") for k, v in alone[split].items()}
+    def _adapt(self, cfg, dataset, boost_prompts, splits, report: bool) -> dict:
+        """Adapt (resumed or reloaded when its content-addressed run exists) and score `splits`. With `report`, this
+        run drives the objective: every epoch's validation HM on `dataset` goes to MLflow and to Tune."""
+        on_epoch = self._epoch_reporter(dataset) if report else None
+        result = adapt_and_evaluate(cfg, self.seed, self.store, dataset, boost_prompts=boost_prompts,
+                                    on_epoch=on_epoch, splits=splits)
+        if report and f"{self.prefix}adapt/loss" not in client(self.tracking).get_run(self.run_id).data.metrics:
+            for epoch in result["history"]:  # a reused run trained no epoch here: log its curve once
+                log_metrics(self.tracking, self.run_id,
+                            {f"{self.prefix}adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
+        return result
 
-    def on_epoch(metrics: dict, model) -> None:
-        val = validation_hm(model, dataset)
-        log_metrics(tracking, run_id, {**{f"adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
-                                       **{f"adapt/val_{k}": v for k, v in val.items()}}, metrics["epoch"])
-        _report(work, state, {"phase": "adapt", "epoch": metrics["epoch"], "val_hm": val["hm"],
-                              "trial_id": trial_id})
+    def _epoch_reporter(self, dataset):
+        def on_epoch(metrics: dict, model) -> None:
+            val = validation_hm(model, dataset)
+            self.epochs_reported += 1
+            log_metrics(self.tracking, self.run_id,
+                        {**{f"{self.prefix}adapt/{k}": v for k, v in metrics.items() if k != "epoch"},
+                         **{f"{self.prefix}adapt/objective_{k}": v for k, v in val.items()}}, metrics["epoch"])
+            _report(self.work, self.state, {"phase": "adapt", "epoch": self.epochs_reported, OBJECTIVE: val["hm"],
+                                            "trial_id": self.trial_id})
 
-    result = adapt_and_evaluate(adapt_cfg, seed, store, dataset, boost_prompts=boost.prompts, on_epoch=on_epoch)
-    if "adapt/loss" not in client(tracking).get_run(run_id).data.metrics:  # a reused run trained no epoch here
-        for epoch in result["history"]:
-            log_metrics(tracking, run_id, {f"adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
-    final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": result["val"]["hm"],
-             "compute_seconds": time.perf_counter() - began,
-             **{f"{split}_{k}": v for split in ("val", "test") for k, v in result[split].items()}, **final_extra}
-    if client(tracking).get_run(run_id).info.status != "FINISHED":
-        _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
-    state["final"] = final
-    _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
-    _finish_mlflow(tracking, run_id, final)
-    shutil.rmtree(work, ignore_errors=True)
+        return on_epoch
+
+
+def peak_rss_mb() -> float:
+    """The trial process's peak resident memory so far, in MiB (a reused worker keeps its peak across trials)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in scores.items()}
+
+
+def average_scores(per_dataset: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Over datasets: the mean of every base and novel accuracy, and each HM recomputed from those means (the
+    paper's average); one dataset's scores pass through unchanged."""
+    keys = set.intersection(*(set(scores) for scores in per_dataset.values()))
+    out = {k: statistics.fmean(scores[k] for scores in per_dataset.values()) for k in keys if not k.endswith("_hm")}
+    for key in [k for k in keys if k.endswith("_hm")]:
+        stem = key[:-len("hm")]
+        out[key] = harmonic_mean(out[f"{stem}base"], out[f"{stem}novel"])
+    return out
+
+
+@contextmanager
+def _guarded(tracking: TrackingSettings, run_id: str, work: Path):
+    """Mark the run FAILED when the block raises (best effort: the failure may be MLflow's own) and re-raise;
+    remove the trial's work folder either way."""
+    try:
+        yield
+    except BaseException:
+        try:
+            client(tracking).set_terminated(run_id, "FAILED")
+        except Exception:
+            pass
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
@@ -98,8 +205,8 @@ def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None
 
 
 def adapt_and_evaluate(cfg, seed: int, store: ArtifactStore, dataset, *, boost_prompts: Path | None,
-                       on_epoch=None) -> dict:
-    """Adapt (or resume, or reload: adapting runs are content-addressed in the store) and score val and test."""
+                       on_epoch=None, splits: tuple[str, ...] = ("val", "test")) -> dict:
+    """Adapt (or resume, or reload: adapting runs are content-addressed in the store) and score each of `splits`."""
     from caspl.data.views import model_view_spec
     from caspl.train.adapt import run_adapt
     from caspl.train.evaluate import base_novel_accuracy
@@ -107,7 +214,7 @@ def adapt_and_evaluate(cfg, seed: int, store: ArtifactStore, dataset, *, boost_p
     outcome = run_adapt(cfg, seed, store, boost_prompts=boost_prompts, dataset=dataset, log=lambda line: None,
                         on_epoch=on_epoch)
     spec = model_view_spec(outcome.model.clip)
-    scores = {split: base_novel_accuracy(outcome.model, dataset, spec, split) for split in ("val", "test")}
+    scores = {split: base_novel_accuracy(outcome.model, dataset, spec, split) for split in splits}
     return {**scores, "history": outcome.history, "prompts": outcome.prompts}
 
 
@@ -162,11 +269,13 @@ def _flat(prefix: str, data: dict) -> dict:
     return out
 
 
-def _log_artifacts(tracking, run_id: str, result: dict, boost_dict: dict, adapt_dict: dict) -> None:
+def _log_artifacts(tracking, run_id: str, result: dict, boost_dict: dict, adapt_dict: dict, prefix: str = "") -> None:
     mlflow_client = client(tracking)
+    folder_name = prefix.rstrip("/") or None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "resolved_config.json"
         path.write_text(json.dumps({"boost": boost_dict, "adapt": adapt_dict}, indent=1, default=str))
-        mlflow_client.log_artifact(run_id, str(path))
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=folder_name)
     if result.get("prompts"):
-        mlflow_client.log_artifacts(run_id, str(result["prompts"]), artifact_path="prompts")
+        mlflow_client.log_artifacts(run_id, str(result["prompts"]),
+                                    artifact_path=f"{folder_name}/prompts" if folder_name else "prompts")

@@ -4,11 +4,12 @@ One run = one seed: K-shot samples of the training classes (`subsample: base` fo
 few-shot and cross-dataset protocols), the base method's own loss and SGD schedule, model selection on the
 (few-shot) validation split, never on test. Every random choice — prompt init, the epoch's shuffle, each image's
 crop and flip — derives from (seed, epoch, image), so a run resumed from its checkpoint ends bit-exactly where an
-uninterrupted one ends. PromptSRC's Gaussian prompt aggregation (GPA) state is part of that checkpoint.
+uninterrupted one ends. The loop names no method: per-method behaviour goes through the hooks documented on
+`caspl.methods.PromptMethod` (PromptSRC's Gaussian prompt aggregation state is its `training_state`).
 
 A run lives in `<store>/runs/adapt/<key>/` (key = hash of everything that determines its result):
 
-    train_state.pt   epoch, adapting prompts, optimizer, best-so-far, GPA state, history (resume point)
+    train_state.pt   epoch, adapting prompts, optimizer, best-so-far, the method's training state, history
     prompts/         the final prompt-only checkpoint (adapt + boost), loadable by `caspl eval --prompts`
     result.json      history, selected epoch, validation accuracy
 """
@@ -19,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -27,102 +28,82 @@ from caspl.artifacts import ArtifactStore, atomic_write_text, content_key, sha25
 from caspl.config import DataConfig, ModelConfig, OptimConfig, RuntimeConfig, to_dict
 from caspl.data import Dataset, Item, build_dataset, few_shot_split, load_image, subsample_classes
 from caspl.data.views import ViewSpec, eval_tensor, model_view_spec, stack_views
-from caspl.distill.cache import CacheConfig
 from caspl.errors import CheckpointError, ConfigError
-from caspl.methods import build_prompted_clip, config_from_dict
-from caspl.methods.promptsrc import GaussianPromptAggregator
+from caspl.methods import MethodConfig, build_prompted_clip, config_from_dict
 from caspl.methods.state import load_prompt_state, read_prompt_state, save_prompt_state
 from caspl.models import ADAPT, LoadedCLIP, PromptedCLIP, load_clip
+from caspl.train.boost import BoostRunConfig, BoostSection, run_boost
 from caspl.train.checkpoint import load_training_state, save_training_state
 from caspl.train.evaluate import accuracy
 from caspl.train.schedule import build_optimizer, lr_at_epoch, set_lr
 
 RUN_KIND = "adapt"
-AUGMENTS = ("crop", "none")  # crop: random resized crop + flip per (seed, epoch); none: evaluation tensors
-SUBSAMPLES = ("base", "all")
-SELECTIONS = ("val", "last")  # PromptSRC always ends with its GPA prompts (GPA is its selection rule)
 RESULT_FILE = "result.json"
 
 Log = Callable[[str], None]
 
 
-@dataclass
-class BoostSource:
-    """A boosting run (through `run_boost`, reused by key) whose prompts go frozen under the adapting prompts.
+@dataclass(kw_only=True)
+class AdaptSection:
+    """How a base method adapts: the settings an adapting run and a study's `adapt:` section share."""
 
-    Student and runtime come from the adapting config; `data` defaults to the adapting dataset. Instead of this
-    section, `boost:` may name a saved boosting prompt folder.
-    """
-
-    teacher: ModelConfig
-    data: DataConfig | None = None
-    method: dict = field(default_factory=dict)
-    classes: str = "all"
-    images: str = "train"
-    teacher_mode: str = "cached"
-    seed: int = 1
+    shots: int = 16
+    val_shots: int | None = None  # validation shots per class; None: the paper's min(shots, 4)
+    subsample: Literal["base", "all"] = "base"  # training classes: base (base-to-novel) or all (few-shot, cross)
+    augment: Literal["crop", "none"] = "crop"  # crop: random resized crop + flip per (seed, epoch); none: eval tensors
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    select: Literal["val", "last"] = "val"  # a method's `final_prompts` (PromptSRC's GPA) overrides selection
     optim: OptimConfig = field(default_factory=OptimConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    workers: int = 0
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
+
+    def __post_init__(self):
+        if self.shots < 1 or (self.val_shots is not None and self.val_shots < 0):
+            raise ConfigError(f"adapting needs shots >= 1 and val_shots >= 0 (got {self.shots}, {self.val_shots})")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")
 
 
-@dataclass
-class AdaptRunConfig:
+@dataclass(kw_only=True)
+class AdaptRunConfig(AdaptSection):
+    """Adapting runs of one base method on one dataset, one per seed; alone, or +CasPL with a `boost` section."""
+
     student: ModelConfig
     data: DataConfig
-    method: dict  # {"method": "coop", "n_ctx": 8, ...}; validated by the method registry
-    boost: BoostSource | str | None = None  # a boosting section, a saved boosting prompt folder, or none
-    shots: int = 16
-    val_shots: int | None = None  # validation images per class; None: the paper's min(shots, 4)
+    method: MethodConfig  # `{method: coop, n_ctx: 8, ...}` in YAML, parsed by the method registry
+    boost: BoostSection | str | None = None  # a boosting section, a saved boosting prompt folder, or none
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    subsample: str = "base"  # training classes: base (base-to-novel) or all (few-shot, cross-dataset)
-    augment: str = "crop"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    select: str = "val"
-    optim: OptimConfig = field(default_factory=OptimConfig)
     targets: list[DataConfig] = field(default_factory=list)  # cross-dataset / domain-generalisation evaluation
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
-        config_from_dict(self.method)
-        _check_choice("subsample", self.subsample, SUBSAMPLES)
-        _check_choice("augment", self.augment, AUGMENTS)
-        _check_choice("select", self.select, SELECTIONS)
-        if self.shots < 1 or not self.seeds:
-            raise ConfigError(f"adapting needs shots >= 1 and at least one seed (got {self.shots}, {self.seeds})")
-        if self.val_shots is not None and self.val_shots < 1:
-            raise ConfigError(f"val_shots {self.val_shots} must be >= 1 (or unset for min(shots, 4))")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")
+        super().__post_init__()
+        self.method = config_from_dict(self.method)
+        if not self.seeds:
+            raise ConfigError("adapting needs at least one seed in seeds")
+        if isinstance(self.boost, BoostSection) and self.boost.teacher is None:
+            raise ConfigError("missing required config key boost.teacher (the teacher CLIP of the boosting phase)")
 
     @property
     def method_name(self) -> str:
-        return config_from_dict(self.method).name
+        return self.method.name
 
     @property
     def label(self) -> str:
         """e.g. "coop" or "coop+caspl"."""
         return self.method_name + ("+caspl" if self.boost is not None else "")
 
-
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} {value!r} must be one of {list(choices)}")
+    @property
+    def val_k(self) -> int:
+        return min(self.shots, 4) if self.val_shots is None else self.val_shots
 
 
 # --- boosting prompts -------------------------------------------------------------------------------------------
 
 
-def boost_run_config(cfg: AdaptRunConfig):
-    """The BoostRunConfig of `cfg.boost` (a section), sharing the adapting run's student and runtime."""
-    from caspl.train.boost import BoostRunConfig
-
-    if not isinstance(cfg.boost, BoostSource):
+def boost_run_config(cfg: AdaptRunConfig) -> BoostRunConfig:
+    """The BoostRunConfig of `cfg.boost` (a section), sharing the adapting run's student, data and runtime."""
+    if not isinstance(cfg.boost, BoostSection):
         raise ConfigError("boost is not a boosting section")
-    section = {k: v for k, v in vars(cfg.boost).items() if k != "data"}
-    return BoostRunConfig(student=cfg.student, data=cfg.boost.data or cfg.data, runtime=cfg.runtime, **section)
+    return BoostRunConfig.of(cfg.boost, student=cfg.student, data=cfg.data, runtime=cfg.runtime)
 
 
 def resolve_boost_prompts(cfg: AdaptRunConfig, store: ArtifactStore, log: Log = print) -> Path | None:
@@ -133,8 +114,6 @@ def resolve_boost_prompts(cfg: AdaptRunConfig, store: ArtifactStore, log: Log = 
         folder = Path(cfg.boost).expanduser()
         read_prompt_state(folder)  # verifies it is an intact prompt checkpoint
         return folder
-    from caspl.train.boost import run_boost
-
     result = run_boost(boost_run_config(cfg), store, progress=False, log=log)
     log(f"[adapt] boosting prompts {result.key} ({'reused' if result.reused else 'trained'}): {result.prompts}")
     return result.prompts
@@ -151,7 +130,8 @@ def boost_method_of(folder: Path) -> dict:
 # --- the model ----------------------------------------------------------------------------------------------------
 
 
-def build_adapt_model(student: LoadedCLIP, method: dict, boost_prompts: Path | None, seed: int) -> PromptedCLIP:
+def build_adapt_model(student: LoadedCLIP, method: MethodConfig | dict, boost_prompts: Path | None,
+                      seed: int) -> PromptedCLIP:
     """Student + adapting method (initialised from `seed`) + frozen boosting prompts loaded from their folder."""
     torch.manual_seed(seed)
     boost = boost_method_of(boost_prompts) if boost_prompts is not None else None
@@ -178,8 +158,8 @@ def load_dataset(data: DataConfig) -> Dataset:
 
 
 def training_split(dataset: Dataset, cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None) -> Dataset:
-    """K-shot train and val_shots-shot (default min(K, 4)) val of the training classes (relabelled from 0)."""
-    return few_shot_split(subsample_classes(dataset, cfg.subsample), cfg.shots, seed, store, cfg.val_shots)
+    """K-shot train and `val_k`-shot val of the training classes (relabelled from 0); test untouched."""
+    return few_shot_split(subsample_classes(dataset, cfg.subsample), cfg.shots, seed, store, val_k=cfg.val_k)
 
 
 class TrainingImages:
@@ -246,15 +226,15 @@ class AdaptOutcome:
         return self.folder / "prompts" if self.folder is not None else None
 
 
-def run_key(cfg: AdaptRunConfig, seed: int, student: LoadedCLIP, boost_prompts: Path | None) -> str:
-    """What determines an adapting run's result (not threads, not the store location)."""
-    from caspl.distill.teacher import model_identity
-
+def run_key(cfg: AdaptRunConfig, seed: int, student: LoadedCLIP, boost_prompts: Path | None,
+            dataset: Dataset) -> str:
+    """What determines an adapting run's result (not threads, not the store location). The dataset's name and
+    classes count too: a study's pseudo-novel task is a different dataset with the same data config."""
     boost_id = json.loads((boost_prompts / "MANIFEST.json").read_text())["files"] if boost_prompts else None
-    return content_key(RUN_KIND, model_identity(student.spec), to_dict(cfg.data),
-                       config_from_dict(cfg.method).to_dict(), boost_id, cfg.shots, seed, cfg.subsample, cfg.augment,
-                       list(cfg.crop_scale), cfg.select, to_dict(cfg.optim), cfg.runtime.precision,
-                       *([cfg.val_shots] if cfg.val_shots is not None else []))  # unset: keys stay as they were
+    return content_key(RUN_KIND, student.identity, to_dict(cfg.data), dataset.name, dataset.classnames,
+                       cfg.method.to_config(), boost_id, cfg.shots,
+                       cfg.val_k, seed, cfg.subsample, cfg.augment, list(cfg.crop_scale), cfg.select,
+                       to_dict(cfg.optim), cfg.runtime.precision)
 
 
 def run_adapt(cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None = None, *,
@@ -264,8 +244,8 @@ def run_adapt(cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None = None
     """Train (or resume, or just reload) one adapting run for `seed`.
 
     `boost_prompts`: the boosting prompt folder (default: resolved from `cfg.boost`). `folder`: where the run keeps
-    its checkpoint and result (default: `<store>/runs/adapt/<key>`). `on_epoch(metrics, model)` sees each epoch after the
-    checkpoint is written (raising there interrupts the run resumably).
+    its checkpoint and result (default: `<store>/runs/adapt/<key>`). `on_epoch(metrics, model)` sees each epoch
+    after the checkpoint is written (raising there interrupts the run resumably).
     """
     store = store or ArtifactStore(cfg.runtime.store)
     if cfg.runtime.threads:
@@ -278,7 +258,7 @@ def run_adapt(cfg: AdaptRunConfig, seed: int, store: ArtifactStore | None = None
     model = build_adapt_model(student, cfg.method, boost_prompts, seed).set_classes(split.classnames, split.templates)
     if not model.prompt_parameters():  # zero-shot (optionally over boosting prompts): nothing to train
         return AdaptOutcome(model, None, [], 0, float("nan"), split)
-    folder = folder or store.root / "runs" / RUN_KIND / run_key(cfg, seed, student, boost_prompts)
+    folder = folder or store.root / "runs" / RUN_KIND / run_key(cfg, seed, student, boost_prompts, dataset)
     loop = _AdaptLoop(cfg, model, split, seed, folder, f"{cfg.label} seed {seed}", log)
     outcome = loop.run(on_epoch)
     save_prompt_state(model, folder / "prompts", extra={"seed": seed, "selected_epoch": outcome.selected_epoch,
@@ -301,9 +281,7 @@ class _AdaptLoop:
         self.images = TrainingImages(split.train, cfg.augment, model_view_spec(clip, cfg.crop_scale), self.eval_spec,
                                      seed)
         self.optimizer = build_optimizer(model.prompt_parameters(), cfg.optim)
-        method = model.adapt.config
-        self.gpa = (GaussianPromptAggregator(cfg.optim.epochs, method.gpa_mean, method.gpa_std)
-                    if method.name == "promptsrc" else None)
+        model.adapt.on_train_begin(cfg.optim.epochs)
         self.history: list[dict] = []
         self.best = {"epoch": 0, "val": -1.0, "prompts": adapt_state(model)}
         self.start = 0
@@ -328,8 +306,7 @@ class _AdaptLoop:
         load_adapt_state(self.model, state["prompts"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start, self.history, self.best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-        if self.gpa is not None:
-            self.gpa.load_state_dict(state["gpa"])
+        self.model.adapt.load_training_state(state.get("method_state"))
         if self.start < self.cfg.optim.epochs:
             self.log(f"[adapt {self.name}] resuming after epoch {self.start}")
 
@@ -337,7 +314,7 @@ class _AdaptLoop:
         return {"epoch": epochs_done, "seed": self.seed, "epochs": self.cfg.optim.epochs,
                 "prompts": adapt_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "history": self.history, "best": self.best,
-                "gpa": self.gpa.state_dict() if self.gpa is not None else None}
+                "method_state": self.model.adapt.training_state()}
 
     def _train_epoch(self, epoch: int) -> dict:
         cfg, model = self.cfg, self.model
@@ -357,8 +334,7 @@ class _AdaptLoop:
             self.optimizer.step()
             for key, value in {"loss": float(loss.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value
-        if self.gpa is not None:
-            self.gpa.add_epoch(epoch + 1, adapt_state(model))
+        model.adapt.on_epoch_end(epoch + 1)
         val = self._validate()
         if val > self.best["val"]:
             self.best = {"epoch": epoch + 1, "val": val, "prompts": adapt_state(model)}
@@ -371,16 +347,18 @@ class _AdaptLoop:
         return accuracy(self.model, self.split.val, self.eval_spec, self.cfg.optim.eval_batch_size)
 
     def _finish(self) -> AdaptOutcome:
-        if self.gpa is not None:  # PromptSRC: the Gaussian-weighted average of every epoch's prompts
-            load_adapt_state(self.model, self.gpa.aggregated(adapt_state(self.model)))
-            selected, val = self.cfg.optim.epochs, self._validate()
+        final = self.model.adapt.final_prompts()
+        if final is not None:  # the method's own choice (PromptSRC: its Gaussian-weighted prompt aggregate)
+            self.model.adapt.load_state_dict(final, strict=True)
+            selected, val, how = self.cfg.optim.epochs, self._validate(), f"{self.model.adapt.name}'s final prompts"
         elif self.cfg.select == "val":
             load_adapt_state(self.model, self.best["prompts"])
             selected, val = int(self.best["epoch"]), float(self.best["val"])
+            how = f"epoch {selected} (best validation)"
         else:
             selected, val = self.cfg.optim.epochs, float(self.history[-1]["val_acc"])
-        self.log(f"[adapt {self.name}] final prompts: "
-                 f"{'GPA' if self.gpa is not None else f'epoch {selected}'}, val {val:.2f}")
+            how = f"epoch {selected} (last)"
+        self.log(f"[adapt {self.name}] final prompts: {how}, val {val:.2f}")
         return AdaptOutcome(self.model, self.folder, self.history, selected, val, self.split)
 
 

@@ -8,63 +8,83 @@ content-addressed, so runs that share a config and teacher cache share the resul
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 from caspl.artifacts import ArtifactStore, content_key
 from caspl.config import DataConfig, ModelConfig, OptimConfig, RuntimeConfig, to_dict
-from caspl.data import build_dataset, subsample_classes
+from caspl.data import build_dataset, check_trainable, subsample_classes
 from caspl.data.base import load_image
 from caspl.data.views import model_view_spec, stack_views
-from caspl.distill.cache import CacheConfig, LogitsCache, UnlabeledImages, build_logits_cache
+from caspl.distill.cache import (KIND, BuildReport, CacheConfig, CacheStatus, LogitsCache, UnlabeledImages,
+                                 build_logits_cache, cache_key, inspect_cache)
 from caspl.distill.loss import kd_loss
 from caspl.errors import ConfigError
-from caspl.methods import build_prompted_clip, method_config
-from caspl.models import load_clip
+from caspl.methods import build_prompted_clip
+from caspl.methods.boost import BoostConfig
+from caspl.models import load_clip, model_identity
 from caspl.train.checkpoint import load_training_state, save_training_state
 from caspl.train.schedule import build_optimizer, lr_at_epoch, set_lr
 
 RESULT_KIND = "boost_prompts"
-TEACHER_MODES = ("cached", "online")
 
 
-@dataclass
-class BoostRunConfig:
-    student: ModelConfig
-    teacher: ModelConfig
-    data: DataConfig
-    method: dict = field(default_factory=dict)  # `boost` method fields: lengths, depths, temperature, ctx_init
-    classes: str = "all"  # class names scored by teacher and student: all | base (all = transductive, as the paper)
-    images: str = "train"  # unlabeled images: train | train+val | test
-    teacher_mode: str = "cached"
+@dataclass(kw_only=True)
+class BoostSection:
+    """The boosting phase as configured: a boosting run's fields, an adapting run's `boost:` and a study's `boost:`.
+
+    `teacher` is required for a run (a study names it once at its top level); `data` defaults to the run's data.
+    """
+
+    teacher: ModelConfig | None = None
+    data: DataConfig | None = None
+    method: BoostConfig = field(default_factory=BoostConfig)  # lengths, depths, temperature, ctx_init
+    classes: Literal["all", "base"] = "all"  # class names scored by teacher and student (all = transductive, paper)
+    images: Literal["train", "train+val", "test"] = "train"  # the unlabeled images
+    teacher_mode: Literal["cached", "online"] = "cached"
     seed: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     workers: int = 0  # Ray Train DDP workers; 0 = train in this process
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
-        method_config("boost", **self.method)  # validate lengths/depths/temperature keys early
-        if self.classes not in ("all", "base"):
-            raise ConfigError(f"boost.classes {self.classes!r} must be 'all' or 'base'")
-        if self.images not in ("train", "train+val", "test"):
-            raise ConfigError(f"boost.images {self.images!r} must be train, train+val or test")
-        if self.teacher_mode not in TEACHER_MODES:
-            raise ConfigError(f"boost.teacher_mode {self.teacher_mode!r} must be one of {TEACHER_MODES}")
+        if self.workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError(f"boost.workers must be >= 0 and boost.cpus_per_worker > 0 (got {self.workers}, "
+                              f"{self.cpus_per_worker})")
         if self.workers and self.optim.batch_size % self.workers:
             raise ConfigError(f"boost.optim.batch_size {self.optim.batch_size} must divide by workers {self.workers}")
 
+
+@dataclass(kw_only=True)
+class BoostRunConfig(BoostSection):
+    """One boosting run: a boosting section plus the student, the data and the runtime."""
+
+    student: ModelConfig
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("teacher", "data"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"missing required config key {name} (the boosting run's {name})")
+
+    @classmethod
+    def of(cls, section: BoostSection, *, student: ModelConfig, data: DataConfig, runtime: RuntimeConfig,
+           teacher: ModelConfig | None = None) -> "BoostRunConfig":
+        """The run of `section` for this student, data and runtime (the section's own teacher and data first)."""
+        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(BoostSection)}
+        values.update(teacher=section.teacher or teacher, data=section.data or data)
+        return cls(**values, student=student, runtime=runtime)
+
     @property
     def temperature(self) -> float:
-        return method_config("boost", **self.method).temperature
+        return self.method.temperature
 
 
 @dataclass
@@ -78,23 +98,41 @@ class BoostInputs:
     store_root: str
 
 
-def prepare_boost(cfg: BoostRunConfig, store: ArtifactStore, *, progress: bool = True) -> tuple[BoostInputs, object]:
-    """Resolve classes and images, and make sure the teacher cache exists (computing only what is missing)."""
+def unlabeled_inputs(cfg: BoostRunConfig) -> tuple[list[str], str, UnlabeledImages]:
+    """(class names scored, the dataset's template, the unlabeled images) of a boosting run; no teacher work."""
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.options)
+    if cfg.images != "test":
+        check_trainable(dataset)  # a test-only set (ImageNet-A, ...) has no train images to boost on
     scored = subsample_classes(dataset, cfg.classes)
     items = {"train": scored.train, "train+val": scored.train + scored.val, "test": scored.test}[cfg.images]
-    images = UnlabeledImages.from_paths([i.path for i in items])
-    report = build_logits_cache(cfg.teacher.spec(cfg.runtime), scored.classnames, dataset.template, images,
-                                cfg.cache, store, progress=progress)
-    inputs = BoostInputs(scored.classnames, dataset.template, images, report.key, str(store.root))
-    return inputs, report
+    return scored.classnames, dataset.template, UnlabeledImages.from_paths([i.path for i in items])
+
+
+def prepare_boost(cfg: BoostRunConfig, store: ArtifactStore, *,
+                  progress: bool = True) -> tuple[BoostInputs, BuildReport]:
+    """Resolve classes and images; with a cached teacher, make sure its cache exists (computing only what is missing).
+
+    An online teacher builds no cache: its run is keyed by the key the cache would have.
+    """
+    classnames, template, images = unlabeled_inputs(cfg)
+    teacher = cfg.teacher.spec(cfg.runtime)
+    if cfg.teacher_mode == "online":
+        key = cache_key(model_identity(teacher), classnames, template, cfg.cache, images.ids)
+        report = BuildReport(store.folder(KIND, key), key)
+    else:
+        report = build_logits_cache(teacher, classnames, template, images, cfg.cache, store, progress=progress)
+    return BoostInputs(classnames, template, images, report.key, str(store.root)), report
+
+
+def inspect_teacher_cache(cfg: BoostRunConfig, store: ArtifactStore) -> CacheStatus:
+    """The state of a boosting run's teacher cache, read-only (nothing is computed, moved or deleted)."""
+    classnames, template, images = unlabeled_inputs(cfg)
+    return inspect_cache(cfg.teacher.spec(cfg.runtime), classnames, template, images, cfg.cache, store)
 
 
 def boost_key(cfg: BoostRunConfig, inputs: BoostInputs) -> str:
     """What determines the boosting result; worker count and resources do not (DDP is equivalent)."""
-    from caspl.distill.teacher import model_identity
-
-    return content_key("boost", model_identity(cfg.student.spec(cfg.runtime)), method_config("boost", **cfg.method),
+    return content_key("boost", model_identity(cfg.student.spec(cfg.runtime)), cfg.method,
                        to_dict(cfg.optim), cfg.seed, cfg.teacher_mode, inputs.cache_key, cfg.runtime.precision)
 
 
@@ -114,12 +152,12 @@ def train_boost(cfg: BoostRunConfig, inputs: BoostInputs, checkpoint_dir: Path |
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     student = load_clip(cfg.student.spec(cfg.runtime))
-    model = build_prompted_clip(student.model, student.tokenizer, None, {"method": "boost", **cfg.method})
+    model = build_prompted_clip(student.model, student.tokenizer, None, cfg.method)
     model.set_classes(inputs.classnames)
     net = _maybe_ddp(model, world)
     optimizer = build_optimizer(model.prompt_parameters(), cfg.optim)
     view_spec = model_view_spec(student.model, cfg.cache.crop_scale)
-    teacher = _teacher_source(cfg, inputs)
+    teacher = teacher_source(cfg, inputs)
     teacher_spec = getattr(teacher, "view_spec", None)  # online mode only
     ids = teacher.usable_ids if isinstance(teacher, LogitsCache) else list(inputs.images.ids)
     paths = dict(zip(inputs.images.ids, inputs.images.paths))
@@ -175,7 +213,7 @@ def _maybe_ddp(model, world: int):
     return DistributedDataParallel(model, broadcast_buffers=False)
 
 
-def _teacher_source(cfg: BoostRunConfig, inputs: BoostInputs):
+def teacher_source(cfg: BoostRunConfig, inputs: BoostInputs):
     store = ArtifactStore(inputs.store_root)
     if cfg.teacher_mode == "cached":
         return LogitsCache.open(store, inputs.cache_key)
@@ -246,7 +284,7 @@ def run_boost(cfg: BoostRunConfig, store: ArtifactStore, *, storage_path: str | 
 
 def _boost_model(cfg: BoostRunConfig, inputs: BoostInputs):
     student = load_clip(cfg.student.spec(cfg.runtime))
-    model = build_prompted_clip(student.model, student.tokenizer, None, {"method": "boost", **cfg.method})
+    model = build_prompted_clip(student.model, student.tokenizer, None, cfg.method)
     return model.set_classes(inputs.classnames)
 
 
@@ -304,5 +342,6 @@ def _ray_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     if cfg.use_gpu:
-        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(ray.train.torch.get_device())))
+        device = str(ray.train.torch.get_device())
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
     train_boost(cfg, inputs, None, rank=rank, world=world, report=report, load_state=state)

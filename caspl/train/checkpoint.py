@@ -35,6 +35,7 @@ def load_training_state(folder: str | Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"training checkpoint {path} is unreadable ({exc}); delete it to restart the run") from exc
+        raise CheckpointError(f"training checkpoint {path} is unreadable ({exc}); delete it to restart the run") \
+            from exc
     torch.set_rng_state(state.pop("torch_rng"))
     return state

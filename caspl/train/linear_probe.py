@@ -129,7 +129,7 @@ def base_linear_probe(student: LoadedCLIP, dataset: Dataset, shots: int = 16, se
     The same split as `caspl.train.adapt.training_split` (`few_shot_split` with the same shots and val_shots).
     """
     classes = subsample_classes(dataset, subsample)
-    split = few_shot_split(classes, shots, seed, store, val_shots)
+    split = few_shot_split(classes, shots, seed, store, val_k=val_shots)
     train, val = image_features(student, split.train), image_features(student, split.val)
     test = image_features(student, classes.test)
     return linear_probe(train, val, test, classes.num_classes, weight_decays)

@@ -1,6 +1,7 @@
-"""SGD with a constant warm-up and a cosine schedule (DESIGN §2.1), as a pure function of the epoch.
+"""The one learning-rate schedule (warm-up, then cosine), and SGD as DESIGN §2.1 configures it.
 
-Because the learning rate depends only on the epoch number, the schedule's state in a checkpoint is that number.
+The rate is a pure function of the step (an epoch for boosting and adapting, an optimiser step for ToyWorld
+pretraining), so a checkpoint's schedule state is that number.
 """
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ import torch
 from caspl.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def warmup_cosine(step: int, total: int, peak: float, warmup: int = 0, *, warmup_lr: float | None = None,
+                  floor: float = 0.0, end_at_floor: bool = False) -> float:
+    """The rate at 0-based `step` of `total`.
+
+    Warm-up steps run at the constant `warmup_lr`, or ramp linearly up to `peak` when it is None. Then a cosine
+    falls from `peak` toward `floor`; `end_at_floor` makes the last step exactly `floor` (else the cosine would reach
+    it one step after the end, as the paper's epoch schedule does).
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup if warmup_lr is None else warmup_lr
+    span = total - warmup - (1 if end_at_floor else 0)
+    progress = min((step - warmup) / max(span, 1), 1.0)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def lr_at_epoch(cfg: OptimConfig, epoch: int) -> float:
-    """Learning rate of 0-based `epoch`: `warmup_lr` for the warm-up epochs, then cosine from `lr` toward 0."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.warmup_lr
-    progress = (epoch - cfg.warmup_epochs) / (cfg.epochs - cfg.warmup_epochs)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    """Rate of 0-based `epoch`: `warmup_lr` for the warm-up epochs, then cosine from `lr` toward 0."""
+    return warmup_cosine(epoch, cfg.epochs, cfg.lr, cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

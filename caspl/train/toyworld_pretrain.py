@@ -47,7 +47,8 @@ from caspl.artifacts import ArtifactStore, atomic_write_text, content_key
 from caspl.data.toyworld.render import DOMAINS, GENERATOR_VERSION
 from caspl.data.toyworld.stream import pretraining_stream
 from caspl.errors import ConfigError
-from caspl.models.loading import LoadedCLIP, ModelSpec, architecture_config, load_clip
+from caspl.models import LoadedCLIP, ModelSpec, architecture_config, load_clip, register_weight_source
+from caspl.train.schedule import set_lr, warmup_cosine
 
 KIND = "toyworld_models"
 PRETRAIN_VERSION = 2  # bump on any change to the training code that alters the weights (it is part of the key)
@@ -239,7 +240,7 @@ def _fit(model, tokenizer, recipe: Recipe, progress: str | bool, bar_position: i
     with tqdm(total=recipe.steps, desc=progress or "", unit="step", disable=not progress,
               position=bar_position) as bar:
         for step, (images, texts) in enumerate(stream):
-            _set_lr(optimizer, recipe, step)
+            set_lr(optimizer, lr_at(recipe, step))
             losses.append(_train_step(model, optimizer, _to_tensor(images, mean, std), tokenizer(texts), texts))
             bar.update()
             if step % 10 == 0 or step == recipe.steps - 1:
@@ -282,16 +283,8 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 def lr_at(recipe: Recipe, step: int) -> float:
     """Linear warm-up to `lr`, then cosine down to `lr * final_lr_fraction` at the last step."""
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(recipe.steps - recipe.warmup - 1, 1)
-    floor = recipe.lr * recipe.final_lr_fraction
-    return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, recipe: Recipe, step: int) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(recipe, step)
+    return warmup_cosine(step, recipe.steps, recipe.lr, recipe.warmup, floor=recipe.lr * recipe.final_lr_fraction,
+                         end_at_floor=True)
 
 
 def _normalisation(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,3 +346,6 @@ def _discard(store: ArtifactStore, key: str) -> None:
         target = folder.with_name(f".{key}.discarded.{time.time_ns()}")
         folder.rename(target)
         shutil.rmtree(target, ignore_errors=True)
+
+
+register_weight_source("toyworld", resolve_weights)

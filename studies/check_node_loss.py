@@ -1,0 +1,251 @@
+"""Node loss during a study, on a two-node Ray cluster on this machine: the trial resumes on the other node.
+
+Each repeat starts a head and a second node (`ray start`, 1 CPU each, their own temporary folders, RAY_AUTH_MODE
+disabled), runs a study of 2 trials of 1 CPU (one per node) against them, and SIGKILLs the second node (its raylet
+and every process under it, as a machine failure would) once a trial there has finished its second adapting epoch.
+Tune's FailureConfig retries the trial on the head as soon as a CPU is free there; the trial restores its checkpoint
+(its MLflow run id) and its adapting run resumes after the last finished epoch (adapting runs live in the shared
+artefact store). Checked: the study exits 0 with both trials finished; one parent run, FINISHED; one child run per
+trial, FINISHED; the killed trial's run was started twice, ended on the head, and logged each adapting epoch exactly
+once (no epoch was trained again). Measured: recovery time, from the kill to the killed trial's next finished epoch
+(it includes the wait for the head's CPU, held by the other trial).
+
+    python studies/check_node_loss.py                  # 3 repeats of studies/configs/study/tiny_check.yaml
+    python studies/check_node_loss.py --smoke-test     # 1 repeat (CI)
+
+Prints one JSON line per repeat and a last line with all of them; exit code 0 when every check of every repeat holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SWEEP = REPO / "studies" / "boost_sweep.py"
+CONFIG = REPO / "studies" / "configs" / "study" / "tiny_check.yaml"
+RAY = str(Path(sys.executable).parent / "ray")
+KILL_AFTER_EPOCHS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    address: str
+    head_dir: str
+    worker_dir: str
+
+    def raylet(self, temp_dir: str) -> tuple[int, str]:
+        """(pid, node id) of the raylet whose session lives under `temp_dir`."""
+        for proc in Path("/proc").iterdir():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if proc.name.isdigit() and args and args[0].endswith(b"/raylet") and temp_dir.encode() in b" ".join(args):
+                node = next(a for a in args if a.startswith(b"--node_id=")).split(b"=", 1)[1]
+                return int(proc.name), node.decode()
+        raise RuntimeError(f"no raylet under {temp_dir}")
+
+    def kill_node(self, temp_dir: str) -> list[int]:
+        """SIGKILL a node as a machine failure would: its raylet, every process under it (the trial workers) and
+        every other process of its session (agents, log monitor). Returns the pids killed."""
+        raylet, _ = self.raylet(temp_dir)
+        parents = {}
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit():
+                    parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        doomed = {raylet} | {pid for pid in parents if self._under(pid, raylet, parents)}
+        doomed |= set(self._pids(temp_dir))
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(doomed)
+
+    @staticmethod
+    def _under(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+        while pid in parents and pid > 1:
+            pid = parents[pid]
+            if pid == ancestor:
+                return True
+        return False
+
+    @staticmethod
+    def _pids(temp_dir: str) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and temp_dir.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    def stop(self) -> None:
+        """SIGKILL both nodes (each found by its temporary folder): `ray stop` would stop every Ray here."""
+        for temp_dir in (self.worker_dir, self.head_dir):
+            try:
+                self.kill_node(temp_dir)
+            except RuntimeError:  # no raylet left: kill what remains of the session
+                for pid in self._pids(temp_dir):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents: another Ray on this machine may hold the defaults."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+def start_cluster(env: dict) -> Cluster:
+    head_dir = tempfile.mkdtemp(prefix="nlh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    worker_dir = tempfile.mkdtemp(prefix="nlw", dir="/tmp")
+    port = free_port()
+    cluster = Cluster(f"127.0.0.1:{port}", head_dir, worker_dir)
+    commands = [[RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                 "--disable-usage-stats", f"--temp-dir={head_dir}", *_agent_ports()],
+                [RAY, "start", f"--address={cluster.address}", "--num-cpus=1", "--disable-usage-stats",
+                 f"--temp-dir={worker_dir}", *_agent_ports()]]
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+        if done.returncode != 0:
+            cluster.stop()
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return cluster
+
+
+def _client(data: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(data["tracking"]["tracking_uri"])
+
+
+def _children(client, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def run_once(data: dict, work: Path, env: dict, timeout: float = 900) -> dict:
+    """One repeat: cluster up, study, kill the second node's raylet mid-trial, wait, check; cluster down."""
+    cluster = start_cluster(env)
+    experiment = data["tracking"]["experiment"]
+    client = _client(data)
+    try:
+        _, worker_node = cluster.raylet(cluster.worker_dir)
+        config = work / "study.yaml"
+        config.write_text(yaml.safe_dump(data))
+        log = open(work / "study.log", "w")
+        driver = subprocess.Popen([sys.executable, str(SWEEP), "--config", str(config)], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**env, "RAY_ADDRESS": cluster.address})
+        began, killed_at, victim = time.time(), None, None
+        while driver.poll() is None and time.time() - began < timeout and victim is None:
+            for run in _children(client, experiment):
+                on_worker = run.data.tags.get("caspl.node_id") == worker_node
+                if on_worker and "adapt/loss" in run.data.metrics \
+                        and len(client.get_metric_history(run.info.run_id, "adapt/loss")) >= KILL_AFTER_EPOCHS:
+                    cluster.kill_node(cluster.worker_dir)
+                    killed_at, victim = time.time(), run.info.run_id
+                    break
+            time.sleep(0.2)
+        if victim is None:
+            raise RuntimeError(f"no trial finished an epoch on the second node; see {work / 'study.log'}")
+        epochs_before = [m.step for m in client.get_metric_history(victim, "adapt/loss")]
+        code = driver.wait(timeout=timeout)
+    finally:
+        cluster.stop()
+    return {"exit_code": code, "kill_after_s": round(killed_at - began, 1),
+            **check(client, experiment, data, victim, worker_node, killed_at, epochs_before)}
+
+
+def check(client, experiment: str, data: dict, victim: str, worker_node: str, killed_at: float,
+          epochs_before: list[int]) -> dict:
+    """The outcome of one repeat: trials, runs, the killed trial's epochs and recovery time."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    history = client.get_metric_history(victim, "adapt/loss")
+    after = sorted((m for m in history if m.timestamp / 1000 > killed_at), key=lambda m: m.timestamp)
+    steps = sorted(m.step for m in history)
+    run = client.get_run(victim)
+    expected = data["search"]["num_samples"] * len(data["search"]["seeds"])
+    epochs = data["adapt"]["optim"]["epochs"]
+    checks = {
+        "one parent run, FINISHED": [r.info.status for r in parents] == ["FINISHED"],
+        "one FINISHED child run per trial": len(children) == expected
+        and all(r.info.status == "FINISHED" and "test_hm" in r.data.metrics for r in children)
+        and len({r.data.tags["caspl.trial_id"] for r in children}) == expected,
+        "killed trial started twice": int(run.data.tags.get("caspl.attempt", 0)) >= 2,
+        "killed trial ended on the head": run.data.tags.get("caspl.node_id") != worker_node,
+        "each epoch logged once": steps == list(range(1, epochs + 1)),
+        "resumed after the last finished epoch": bool(after) and after[0].step == max(epochs_before) + 1,
+    }
+    return {"trials": len(children), "parents": len(parents), "epochs_before_kill": max(epochs_before),
+            "resumed_at_epoch": after[0].step if after else None,
+            "recovery_s": round(after[0].timestamp / 1000 - killed_at, 1) if after else None,
+            "checks": checks, "ok": all(checks.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(CONFIG), help="study YAML (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke-test", action="store_true", help="one repeat")
+    parser.add_argument("--work", help="folder for storages, MLflow stores and logs (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    from caspl.config import load_yaml
+
+    base = load_yaml(args.config)
+    root = Path(args.work or tempfile.mkdtemp(prefix="caspl-node-loss-")).resolve()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    reports = []
+    for repeat in range(1 if args.smoke_test else args.repeats):
+        work = root / f"repeat{repeat + 1}"
+        work.mkdir(parents=True, exist_ok=True)
+        data = {**base, "storage": str(work / "runs"),
+                "tracking": {"env_file": None, "tracking_uri": f"sqlite:///{work}/mlflow.db",
+                             "experiment": "node_loss"},
+                "resources": {**base.get("resources", {}), "trial_cpus": 1.0},
+                # a fresh artefact store: adapting runs are content-addressed, and a run reused from an earlier
+                # repeat would finish without training, leaving nothing to lose mid-trial
+                "runtime": {**base.get("runtime", {}), "store": str(work / "store")}}
+        began = time.time()
+        report = {"repeat": repeat + 1, **run_once(data, work, env), "wall_s": round(time.time() - began, 1)}
+        report["ok"] = report["ok"] and report["exit_code"] == 0
+        print(json.dumps(report), flush=True)
+        reports.append(report)
+    print(json.dumps({"repeats": len(reports), "ok": all(r["ok"] for r in reports),
+                      "recovery_s": [r["recovery_s"] for r in reports], "work": str(root)}))
+    return 0 if all(r["ok"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
