@@ -55,7 +55,7 @@ def test_training_is_deterministic_and_seeded():
 
 def test_cache_round_trip_builds_once_and_in_parallel_the_same_weights(tmp_path):
     store = ArtifactStore(tmp_path)
-    built = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)  # one process per model
+    built = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False, parallel=True)  # a process each
     again = tp.build_toyworld_models(store, recipes=TINY_RECIPES, progress=False)
     assert all(r["built"] for r in built.values()) and not any(r["built"] for r in again.values())
     one_by_one = tp.build_toyworld_models(ArtifactStore(tmp_path / "seq"), recipes=TINY_RECIPES, progress=False,

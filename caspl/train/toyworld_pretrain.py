@@ -57,6 +57,7 @@ INFO_FILE = "info.json"
 TEACHER, STUDENT = "caspl-toy-teacher", "caspl-toy-student"
 EVAL_DATASETS = ("toy_faded", "toy_underwater", "toy_night")  # the ToyWorld table's datasets
 MAX_LOGIT_SCALE = math.log(100.0)
+PARALLEL_MIN_STEPS = 100  # shorter recipes build one after the other (see build_toyworld_models)
 
 
 @dataclass(frozen=True)
@@ -154,16 +155,20 @@ def build_toyworld_models(
     force: bool = False,
     recipes: Mapping[str, Recipe] | None = None,
     progress: bool = True,
-    parallel: bool = True,
+    parallel: bool | None = None,
 ) -> dict[str, dict]:
     """Build or load the teacher and the student; returns {architecture name: build_model(...) result}.
 
     Models to build train in one process each when `parallel` (each on one thread, so the weights are the same
-    bytes as a build one after the other); cached ones are only loaded and verified.
+    bytes as a build one after the other); None: in parallel when every model to build trains for at least
+    PARALLEL_MIN_STEPS steps, since a process start (imports, a few seconds) costs more than a short recipe.
+    Cached models are only loaded and verified.
     """
     recipes = dict(recipes or RECIPES)
     store = store or ArtifactStore()
     missing = [name for name, recipe in recipes.items() if force or store.get(KIND, model_key(name, recipe)) is None]
+    if parallel is None:
+        parallel = all(recipes[name].steps >= PARALLEL_MIN_STEPS for name in missing)
     results = {}
     if parallel and len(missing) > 1 and not multiprocessing.current_process().daemon:
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
