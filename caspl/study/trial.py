@@ -19,7 +19,10 @@ from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict
 from caspl.study.config import load_study_config
 from caspl.study.space import trial_configs
-from caspl.study.tracking import TrackingSettings, client, log_metrics, log_params, trial_run
+from caspl.study.console import quiet_trial_logging
+from caspl.study.lineage import dataset_inputs
+from caspl.study.tracking import (ROLE_TAG, TrackingSettings, client, log_inputs_once, log_metrics, log_params,
+                                  trial_run)
 
 TRIAL_STATE = "trial_state.json"
 
@@ -34,6 +37,7 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
     from caspl.train.adapt import AdaptRunConfig, load_dataset
     from caspl.train.boost import BoostRunConfig, run_boost
 
+    quiet_trial_logging()
     study_cfg = load_study_config(study)
     seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
@@ -47,16 +51,16 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
     state = _restore(work)
 
     run_id = trial_run(tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
-                       tags={"method": method, "caspl.version": __version__, "caspl.seed": str(seed),
-                             "caspl.adapt_config_hash": config_hash(adapt_cfg)},
+                       tags={ROLE_TAG: "trial", "caspl.version": __version__, "caspl.seed": str(seed),
+                             "caspl.adapt_config_hash": config_hash(adapt_cfg), **context.get("run_tags", {})},
                        known_run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = run_id
     state["attempt"] = state.get("attempt", 0) + 1  # starts of this trial: retries after a failure, resumes
     client(tracking).set_tag(run_id, "caspl.attempt", str(state["attempt"]))
     client(tracking).set_tag(run_id, "caspl.node_id", ray.get_runtime_context().get_node_id())
     with _guarded(tracking, run_id, work):
-        log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict),
-                                      **_flat("adapt", adapt_dict)})
+        log_params(tracking, run_id, {**params, "seed": seed})  # the search-space names; resolved configs: artefact
+        log_inputs_once(tracking, run_id, dataset_inputs(context.get("datasets", [])))
 
         if "final" in state:  # finished before a crash: report the same result again, touch nothing else
             _finish_mlflow(tracking, run_id, state["final"])
@@ -120,8 +124,14 @@ def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None
     """Log the final metrics and close the run, once (a resumed trial finds it already FINISHED)."""
     if client(tracking).get_run(run_id).info.status == "FINISHED":
         return
-    log_metrics(tracking, run_id, {k: v for k, v in final.items() if k not in ("phase", "finished", "trial_id")}, 0)
+    log_metrics(tracking, run_id, {k: shown(v) for k, v in final.items()
+                                   if k not in ("phase", "finished", "trial_id")}, 0)
     client(tracking).set_terminated(run_id, "FINISHED")
+
+
+def shown(value):
+    """A final metric as MLflow shows it: accuracies and HMs (percentages) and seconds to 2 decimals."""
+    return round(value, 2) if isinstance(value, float) else value
 
 
 def adapt_and_evaluate(cfg, seed: int, store: ArtifactStore, dataset, *, boost_prompts: Path | None,
@@ -155,8 +165,11 @@ def _restore(work: Path) -> dict:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return {}
-    with checkpoint.as_directory() as folder:
-        shutil.copytree(folder, work, dirs_exist_ok=True)
+    try:
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, work, dirs_exist_ok=True)
+    except FileNotFoundError:  # Tune kept only the newest checkpoints and a kill beat its state snapshot: start
+        return {}  # over (the MLflow run is found by trial id, the adapting run resumes from the artefact store)
     path = work / TRIAL_STATE
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -177,16 +190,6 @@ def _run_name(params: dict, seed: int) -> str:
 
 def _fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _flat(prefix: str, data: dict) -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(f"{prefix}.{key}", value))
-        else:
-            out[f"{prefix}.{key}"] = value
-    return out
 
 
 def _log_artifacts(tracking, run_id: str, result: dict, boost_dict: dict, adapt_dict: dict) -> None:
