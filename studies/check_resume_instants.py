@@ -96,7 +96,7 @@ def check_outcome(data: dict, study_dir: Path) -> dict:
     experiment = client.get_experiment_by_name(tracking["experiment"])
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
     expected = data["search"]["num_samples"] * len(data["search"].get("seeds", [1]))
     summary_file = study_dir / "summary" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}

@@ -292,6 +292,7 @@ class StudyFolder:
         """Copy `local_file` to `<folder>/<name>`, whole (a temporary name, then a rename, on a local disk)."""
         fs, path = self.filesystem()
         target = f"{path}/{name}"
+        fs.create_dir(path, recursive=True)
         with open(local_file, "rb") as source, fs.open_output_stream(target) as stream:
             shutil.copyfileobj(source, stream, 1 << 20)
         return target
