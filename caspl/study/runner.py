@@ -14,6 +14,9 @@ The order is the point:
    deleted, the finished trials are counted against the configured number, the summary is published in the study
    folder, and the parent run gets FINISHED (exit 0), FAILED (exit 1; the rerun finishes the rest) or KILLED
    (exit 128 + signal). A failure or interrupt before the end closes the open runs FAILED or KILLED.
+6. The study's Optuna trials are exported to `<storage>/<name>/optuna.db`, baselines logged as child runs, the
+   parent run described (report.py); a Ray this call started is shut down, then the summary is printed: the last
+   lines on the console.
 """
 
 from __future__ import annotations
