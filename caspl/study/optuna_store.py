@@ -138,8 +138,8 @@ def plot_study(study, found: Mapping[str, float], folder: Path) -> list[Path]:
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 1:
         return []
     written = []
-    makers = {"optimization_history": vis.plot_optimization_history,
-              "parallel_coordinate": vis.plot_parallel_coordinate}
+    makers = {"optimization_history": lambda s: vis.plot_optimization_history(s, target_name="validation HM"),
+              "parallel_coordinate": lambda s: vis.plot_parallel_coordinate(s, target_name="validation HM")}
     if found:
         makers["param_importances"] = lambda s: _importance_bars(found)
     for name, make in makers.items():

@@ -78,6 +78,7 @@ def plot_summary(entries: list[dict], param_names: list[str], folder: Path) -> l
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     methods = sorted({e["params"]["method"] for e in entries})
@@ -88,6 +89,8 @@ def plot_summary(entries: list[dict], param_names: list[str], folder: Path) -> l
                       if e["params"]["method"] == method and name in e["params"]]
             if points:
                 ax.scatter(*zip(*points), label=method, s=36, alpha=0.85)
+        if all(isinstance(e["params"].get(name, 0), int) for e in entries):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths and lengths: no 3.2 layers
         ax.set_xlabel(name)
         ax.set_ylabel("validation HM")
         ax.set_title(f"validation HM against {name}", fontsize=10)
