@@ -266,6 +266,10 @@ def _tuner(prepared: PreparedStudy, parent: str, log: Log):
     # Tune's automatic loggers would add TensorBoard's (no TensorBoard here; its hint pointed at Ray's temp folder):
     # the study passes the CSV and JSON loggers itself.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if folder.is_local:  # CheckpointConfig(num_to_keep) forces a snapshot of Tune's state every num_to_keep
+        # checkpoints of a trial (so the state never names a deleted checkpoint); on a local disk that costs
+        # milliseconds, and Tune's warning about snapshots less than 5 s apart would only be noise
+        os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     if folder.settle_tune_state(len(study.search.seeds)):
         log(f"[study] resuming {folder.path} (finished trials are kept, errored ones resumed)")
         fs, path = folder.filesystem()
