@@ -347,6 +347,22 @@ def _finished_children(db: Path) -> list[str]:
         return []
 
 
+def _wait_until_still(folder: Path, quiet: float = 3.0, timeout: float = 60.0) -> None:
+    """Wait until nothing under `folder` has changed for `quiet` seconds (at most `timeout`)."""
+    def newest() -> float:
+        times = [0.0]
+        for path in folder.rglob("*"):
+            try:
+                times.append(path.stat().st_mtime)
+            except FileNotFoundError:  # a temporary file renamed meanwhile
+                continue
+        return max(times)
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and time.time() - newest() < quiet:
+        time.sleep(0.5)
+
+
 def _children(runs):
     """The trial runs among `runs` (child runs that are not method-alone baselines)."""
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
@@ -402,6 +418,7 @@ def test_study_survives_kills_at_startup_instants_kill_9_and_ctrl_c_with_one_run
     assert first.poll() is None, log.read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)  # kill -9 right after a trial finished
     first.wait()
+    _wait_until_still(folder)  # Ray's workers outlive their driver briefly: a late checkpoint is not the next run's
     end_times = {run_id: client.get_run(run_id).info.end_time for run_id in _finished_children(tmp_path / "mlflow.db")}
 
     interrupted = run_and_signal(command, folder, first_match("*/checkpoint_*/trial_state.json"), env, log,

@@ -153,3 +153,33 @@ def test_summary_lines_end_on_the_runs_view():
     assert "coop+caspl d=1  run r1" in lines[1] and "teacher cache 9 s" in lines[0]
     assert runs_view_url("http://mlflow.example:5000/", "3") == \
         "http://mlflow.example:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+def test_a_trial_stopped_between_its_final_report_and_mlflow_is_finished_from_its_checkpoint(tmp_path):
+    """Ctrl-C can stop a trial after Tune got its final result (with the checkpoint) but before it logged the final
+    metrics: the driver finishes that run from the checkpoint, and leaves runs that are done alone."""
+    import json
+
+    from ray.tune import Checkpoint, Result
+
+    from caspl.study.tracking import TrackingSettings, client, open_parent_run, trial_run
+    from caspl.study.trial import finish_reported_trials
+
+    settings = TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="stopped")
+    parent = open_parent_run(settings, "s", "uid", {}, None)
+    results = []
+    for trial_id, finished in (("cut", True), ("running", False)):
+        run_id = trial_run(settings, parent, trial_id, trial_id, {})
+        folder = tmp_path / trial_id / "checkpoint_000001"
+        folder.mkdir(parents=True)
+        final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": 12.3456, "test_hm": 7.891}
+        (folder / "trial_state.json").write_text(json.dumps({"mlflow_run_id": run_id, "final": final}))
+        results.append(Result(metrics={"finished": finished, "val_hm": 12.3456}, checkpoint=Checkpoint(str(folder)),
+                              path=str(tmp_path / trial_id), error=None))
+    finish_reported_trials(settings, results)
+    runs = {r.data.tags["caspl.trial_id"]: r for r in client(settings).search_runs(
+        [client(settings).get_experiment_by_name("stopped").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert runs["cut"].info.status == "FINISHED"
+    assert runs["cut"].data.metrics == {"val_hm": 12.35, "test_hm": 7.89}  # as shown: 2 decimals
+    assert runs["running"].info.status == "RUNNING" and not runs["running"].data.metrics

@@ -41,6 +41,7 @@ from caspl.study.lineage import dataset_inputs, dataset_specs, source_tags
 from caspl.study.report import OBJECTIVE, summarise, trial_rows
 from caspl.study.space import SearchSpace, trial_configs
 from caspl.study.storage import StudyFolder, normalise_storage, probe_writable
+from caspl.study.trial import finish_reported_trials
 from caspl.study.tracking import (TrackingSettings, check_parent_run, check_tracking, client, close_open_runs,
                                   absolute_uri, log_inputs_once, open_parent_run, read_env_file, settle_trial_runs,
                                   tracking_settings)
@@ -214,6 +215,7 @@ def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, s
         interrupts.rearm()  # Tune leaves its own SIGINT handler behind
     rows = trial_rows(results)
     verdict = _verdict(study, rows, interrupts.signum)
+    finish_reported_trials(prepared.tracking, results)
     orphans = settle_trial_runs(prepared.tracking, parent, {row["trial_id"]: row["status"] for row in rows})
     if orphans:
         log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")

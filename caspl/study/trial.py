@@ -63,7 +63,7 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
         log_inputs_once(tracking, run_id, dataset_inputs(context.get("datasets", [])))
 
         if "final" in state:  # finished before a crash: report the same result again, touch nothing else
-            _finish_mlflow(tracking, run_id, state["final"])
+            finish_mlflow(tracking, run_id, state["final"])
             tune.report(state["final"])
             return
 
@@ -101,7 +101,7 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
             _log_artifacts(tracking, run_id, result, boost_dict, adapt_dict)
         state["final"] = final
         _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
-        _finish_mlflow(tracking, run_id, final)
+        finish_mlflow(tracking, run_id, final)
 
 
 @contextmanager
@@ -120,8 +120,9 @@ def _guarded(tracking: TrackingSettings, run_id: str, work: Path):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
-    """Log the final metrics and close the run, once (a resumed trial finds it already FINISHED)."""
+def finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
+    """Log the final metrics and close the run, once (a resumed trial finds it already FINISHED). Also called by
+    the driver for a trial whose final result reached Tune but whose process was stopped before this ran."""
     if client(tracking).get_run(run_id).info.status == "FINISHED":
         return
     log_metrics(tracking, run_id, {k: shown(v) for k, v in final.items()
@@ -157,6 +158,29 @@ def validation_hm(model, dataset) -> dict:
     scores = base_novel_accuracy(model, dataset, model_view_spec(model.clip), "val")
     model.set_classes(classnames, templates)
     return scores
+
+
+def finish_reported_trials(tracking: TrackingSettings, results) -> None:
+    """A trial reports its final result to Tune (with its checkpoint) before it tells MLflow; an interrupt between
+    the two leaves a run Tune counts as finished and will not run again, without its final metrics. Finish those
+    runs from the final result in each finished trial's checkpoint (`results`: Tune's), as the trial would have."""
+    for result in results:
+        if (result.metrics or {}).get("finished"):
+            state = checkpoint_state(result.checkpoint)
+            if state.get("final") and state.get("mlflow_run_id"):
+                finish_mlflow(tracking, state["mlflow_run_id"], state["final"])
+
+
+def checkpoint_state(checkpoint) -> dict:
+    """The trial state (MLflow run id, final result) in a trial's Tune checkpoint; {} when it has none."""
+    if checkpoint is None:
+        return {}
+    try:
+        with checkpoint.as_directory() as folder:
+            path = Path(folder) / TRIAL_STATE
+            return json.loads(path.read_text()) if path.exists() else {}
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def _restore(work: Path) -> dict:
