@@ -174,7 +174,8 @@ def test_a_trial_stopped_between_its_final_report_and_mlflow_is_finished_from_it
         folder.mkdir(parents=True)
         final = {"phase": "finished", "finished": True, "trial_id": trial_id, "val_hm": 12.3456, "test_hm": 7.891}
         (folder / "trial_state.json").write_text(json.dumps({"mlflow_run_id": run_id, "final": final}))
-        results.append(Result(metrics={"finished": finished, "val_hm": 12.3456}, checkpoint=Checkpoint(str(folder)),
+        registered = None if trial_id == "cut" else Checkpoint(str(folder))  # stopped before Tune registered it
+        results.append(Result(metrics={"finished": finished, "val_hm": 12.3456}, checkpoint=registered,
                               path=str(tmp_path / trial_id), error=None))
     finish_reported_trials(settings, results)
     runs = {r.data.tags["caspl.trial_id"]: r for r in client(settings).search_runs(

@@ -166,9 +166,25 @@ def finish_reported_trials(tracking: TrackingSettings, results) -> None:
     runs from the final result in each finished trial's checkpoint (`results`: Tune's), as the trial would have."""
     for result in results:
         if (result.metrics or {}).get("finished"):
-            state = checkpoint_state(result.checkpoint)
+            state = checkpoint_state(_newest_checkpoint(result))
             if state.get("final") and state.get("mlflow_run_id"):
                 finish_mlflow(tracking, state["mlflow_run_id"], state["final"])
+
+
+def _newest_checkpoint(result):
+    """The newest checkpoint folder in a trial's folder: a stop can come after the trial wrote its final checkpoint
+    but before Tune registered it as the result's checkpoint."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    fs = result.filesystem or pafs.LocalFileSystem()
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(result.path))
+    except (FileNotFoundError, OSError):
+        return result.checkpoint
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_"))
+    return tune.Checkpoint(f"{result.path}/{names[-1]}", filesystem=fs) if names else result.checkpoint
 
 
 def checkpoint_state(checkpoint) -> dict:
