@@ -405,7 +405,7 @@ def test_study_survives_kills_at_startup_instants_kill_9_and_ctrl_c_with_one_run
     sibling_before = folder_digest(sibling)
 
     for pattern in STARTUP_KILLS:
-        killed = run_and_signal(command, folder, first_match(pattern), env, log)
+        killed = run_and_signal(command, folder, first_match(pattern), env, log, renewed=True)
         assert killed["signalled_at"] is not None, (pattern, log.read_text()[-3000:])
         assert len([r for r in _runs(tmp_path / "mlflow.db") if "mlflow.parentRunId" not in r.data.tags]) <= 1
 
