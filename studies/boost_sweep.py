@@ -73,4 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the study started (e.g. while importing torch): nothing to resume yet
+        print("boost_sweep: interrupted; run the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -148,7 +148,7 @@ def _client(data: dict):
 def _children(client, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id]) if found else []
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
 
 
 def run_once(data: dict, work: Path, env: dict, timeout: float = 900) -> dict:
@@ -189,7 +189,7 @@ def check(client, experiment: str, data: dict, victim: str, worker_node: str, ki
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
     history = client.get_metric_history(victim, "adapt/loss")
     after = sorted((m for m in history if m.timestamp / 1000 > killed_at), key=lambda m: m.timestamp)
     steps = sorted(m.step for m in history)
