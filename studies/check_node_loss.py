@@ -204,10 +204,10 @@ def check(client, experiment: str, data: dict, victim: str, worker_node: str, ki
         "killed trial started twice": int(run.data.tags.get("caspl.attempt", 0)) >= 2,
         "killed trial ended on the head": run.data.tags.get("caspl.node_id") != worker_node,
         "each epoch logged once": steps == list(range(1, epochs + 1)),
-        "resumed after the last finished epoch": bool(after) and after[0].step == max(epochs_before) + 1,
+        "resumed after the last finished epoch": bool(after) and min(m.step for m in after) == max(epochs_before) + 1,
     }
     return {"trials": len(children), "parents": len(parents), "epochs_before_kill": max(epochs_before),
-            "resumed_at_epoch": after[0].step if after else None,
+            "resumed_at_epoch": min(m.step for m in after) if after else None, "logged_epochs": steps,
             "recovery_s": round(after[0].timestamp / 1000 - killed_at, 1) if after else None,
             "checks": checks, "ok": all(checks.values())}
 

@@ -171,8 +171,9 @@ def _dataset_specs(study: StudyConfig) -> list[dict]:
     """The data set the runs read, split by split (the boosting data set's train split too when it differs)."""
     from caspl.train.adapt import load_dataset
 
-    specs = dataset_specs(load_dataset(study.data), {"train": "train", "val": "validation", "test": "test"})
-    if study.boost.data is not None and study.boost.data != study.data:
+    specs = [spec for data in study.datasets
+             for spec in dataset_specs(load_dataset(data), {"train": "train", "val": "validation", "test": "test"})]
+    if study.boost.data is not None and study.boost.data not in study.datasets:
         specs += dataset_specs(load_dataset(study.boost.data), {"train": "distillation"})
     return specs
 

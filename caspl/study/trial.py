@@ -143,8 +143,10 @@ class _Trial:
         on_epoch = self._epoch_reporter(dataset) if report else None
         result = adapt_and_evaluate(cfg, self.seed, self.store, dataset, boost_prompts=boost_prompts,
                                     on_epoch=on_epoch, splits=splits)
-        if report and f"{self.prefix}adapt/loss" not in client(self.tracking).get_run(self.run_id).data.metrics:
-            for epoch in result["history"]:  # a reused run trained no epoch here: log its curve once
+        if report:  # epochs MLflow lacks: all of a reused run's; one whose checkpoint beat a kill to `on_epoch`
+            logged = {m.step for m in client(self.tracking).get_metric_history(self.run_id,
+                                                                               f"{self.prefix}adapt/loss")}
+            for epoch in [e for e in result["history"] if e["epoch"] not in logged]:
                 log_metrics(self.tracking, self.run_id,
                             {f"{self.prefix}adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
         return result
