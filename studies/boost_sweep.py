@@ -37,6 +37,9 @@ def smoke_overrides(data: dict) -> dict:
         optim.update({"epochs": 2, "warmup_epochs": 1})
     data["adapt"]["shots"] = min(int(data["adapt"].get("shots", 4)), 4)
     data["methods"] = data.get("methods", ["coop"])[:2]
+    for role in ("student", "teacher"):  # ToyWorld weights from the smoke recipes: seconds instead of minutes
+        if isinstance(data.get(role), dict) and data[role].get("pretrained") == "toyworld":
+            data[role] = {**data[role], "pretrained": "toyworld-smoke"}
     return data
 
 

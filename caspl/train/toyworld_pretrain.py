@@ -26,7 +26,7 @@ import math
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -80,6 +80,13 @@ RECIPES: dict[str, Recipe] = {
     STUDENT: Recipe(domains=("clean", "noisy", "sketch"), steps=150, seed=2),
 }
 
+# `pretrained: toyworld-smoke`: the same architectures, domains and code path at a tenth of the steps (about 25 s for
+# both), for smoke tests and CI, which check that things run and fit together, not what the miniature measures.
+SMOKE_RECIPES: dict[str, Recipe] = {name: replace(recipe, steps=max(10, recipe.steps // 10),
+                                                  warmup=max(2, recipe.warmup // 10), eval_datasets=("toy_sketch",))
+                                    for name, recipe in RECIPES.items()}
+SOURCES = {"toyworld": RECIPES, "toyworld-smoke": SMOKE_RECIPES}  # weight source name -> its recipes
+
 
 # ------------------------------------------------------------------------------------------------------- public
 def model_key(name: str, recipe: Recipe) -> str:
@@ -88,11 +95,13 @@ def model_key(name: str, recipe: Recipe) -> str:
 
 
 def resolve_weights(spec: ModelSpec) -> Path:
-    """The ToyWorld weights file for `spec.name` (a `caspl-toy-*` architecture), built on first use."""
-    if spec.name not in RECIPES:
-        raise ConfigError(f"pretrained 'toyworld' exists only for {sorted(RECIPES)}, not {spec.name!r}; "
+    """The ToyWorld weights file for `spec.name` (a `caspl-toy-*` architecture) by the recipes of the weight
+    source `spec.pretrained` ("toyworld" or "toyworld-smoke"), built on first use."""
+    recipes = SOURCES[spec.pretrained or "toyworld"]
+    if spec.name not in recipes:
+        raise ConfigError(f"pretrained {spec.pretrained!r} exists only for {sorted(recipes)}, not {spec.name!r}; "
                           "use one of those architectures or another weight source")
-    return build_model(spec.name)["weights"]
+    return build_model(spec.name, recipes[spec.name])["weights"]
 
 
 def build_model(
@@ -300,4 +309,5 @@ def _discard(store: ArtifactStore, key: str) -> None:
         shutil.rmtree(target, ignore_errors=True)
 
 
-register_weight_source("toyworld", resolve_weights)
+for _source in SOURCES:
+    register_weight_source(_source, resolve_weights)
