@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 
 def runtime_env(storage: str) -> dict:
+    from caspl.study.lineage import git_env
     from caspl.study.tracking import tracking_settings
 
     env = yaml.safe_load((REPO / "ray_jobs" / "runtime_env.yaml").read_text())
@@ -34,6 +35,7 @@ def runtime_env(storage: str) -> dict:
         "MLFLOW_EXPERIMENT_NAME": settings.experiment,
         "CASPL_CACHE": os.environ.get("CASPL_CACHE", str(Path.home() / ".cache" / "caspl")),
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        **git_env(REPO),  # the job's copy of the repository has no .git: its runs' commit tags come from here
     })
     return env
 

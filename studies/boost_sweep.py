@@ -37,6 +37,9 @@ def smoke_overrides(data: dict) -> dict:
         optim.update({"epochs": 2, "warmup_epochs": 1})
     data["adapt"]["shots"] = min(int(data["adapt"].get("shots", 4)), 4)
     data["methods"] = data.get("methods", ["coop"])[:2]
+    for role in ("student", "teacher"):  # ToyWorld weights from the smoke recipes: seconds instead of minutes
+        if isinstance(data.get(role), dict) and data[role].get("pretrained") == "toyworld":
+            data[role] = {**data[role], "pretrained": "toyworld-smoke"}
     return data
 
 
@@ -73,4 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the study started (e.g. while importing torch): nothing to resume yet
+        print("boost_sweep: interrupted; run the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -148,7 +148,7 @@ def _client(data: dict):
 def _children(client, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id]) if found else []
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
 
 
 def run_once(data: dict, work: Path, env: dict, timeout: float = 900) -> dict:
@@ -189,7 +189,7 @@ def check(client, experiment: str, data: dict, victim: str, worker_node: str, ki
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
     history = client.get_metric_history(victim, "adapt/loss")
     after = sorted((m for m in history if m.timestamp / 1000 > killed_at), key=lambda m: m.timestamp)
     steps = sorted(m.step for m in history)
@@ -204,10 +204,10 @@ def check(client, experiment: str, data: dict, victim: str, worker_node: str, ki
         "killed trial started twice": int(run.data.tags.get("caspl.attempt", 0)) >= 2,
         "killed trial ended on the head": run.data.tags.get("caspl.node_id") != worker_node,
         "each epoch logged once": steps == list(range(1, epochs + 1)),
-        "resumed after the last finished epoch": bool(after) and after[0].step == max(epochs_before) + 1,
+        "resumed after the last finished epoch": bool(after) and min(m.step for m in after) == max(epochs_before) + 1,
     }
     return {"trials": len(children), "parents": len(parents), "epochs_before_kill": max(epochs_before),
-            "resumed_at_epoch": after[0].step if after else None,
+            "resumed_at_epoch": min(m.step for m in after) if after else None, "logged_epochs": steps,
             "recovery_s": round(after[0].timestamp / 1000 - killed_at, 1) if after else None,
             "checks": checks, "ok": all(checks.values())}
 

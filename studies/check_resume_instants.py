@@ -47,17 +47,21 @@ def first_match(pattern: str) -> Callable[[list[str]], str | None]:
 
 
 def run_and_signal(command: list[str], folder: Path, when: Callable[[list[str]], str | None], env: dict, log: Path,
-                   sig: int = signal.SIGKILL, timeout: float = 600) -> dict:
+                   sig: int = signal.SIGKILL, timeout: float = 600, renewed: bool = False) -> dict:
     """Run `command` in its own process group and watch `folder` (every 2 ms); as soon as `when(new paths, in order
-    of appearance)` names a path, send `sig` to the whole group and wait for the end."""
-    before = set(_paths(folder))
+    of appearance)` names a path, send `sig` to the whole group and wait for the end. With `renewed`, a path that
+    existed at the start counts as new when it is written anew (atomic writes rename a new file in),
+    e.g. a `tuner.pkl` the run cleared with Tune's other files and wrote again."""
+    before = _inodes(folder)
     began = time.time()
     with open(log, "a") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         seen: list[str] = []
         hit = None
         while proc.poll() is None and time.time() - began < timeout and hit is None:
-            seen.extend(p for p in _paths(folder) if p not in before and p not in seen)
+            now = _inodes(folder) if renewed else dict.fromkeys(_paths(folder))
+            seen.extend(p for p, inode in now.items() if p not in seen and (p not in before
+                                                                            or (renewed and before[p] != inode)))
             hit = when(seen)
             if hit is None:
                 time.sleep(0.002)
@@ -68,6 +72,19 @@ def run_and_signal(command: list[str], folder: Path, when: Callable[[list[str]],
     if hit is None and time.time() - began >= timeout:
         raise TimeoutError(f"{command}: no end after {timeout} s; see {log}")
     return {"signalled_at": hit, "seconds": at, "exit_code": code}
+
+
+def _inodes(root: Path) -> dict[str, tuple | None]:
+    """{path relative to root: (inode, mtime)} of everything under root (None for a path gone before it was looked
+    at). Both: a deleted file's inode number is often reused at once by the next file created."""
+    found = {}
+    for path in _paths(root):
+        try:
+            stat = os.stat(os.path.join(root, path), follow_symlinks=False)
+            found[path] = (stat.st_ino, stat.st_mtime_ns)
+        except FileNotFoundError:
+            found[path] = None
+    return found
 
 
 def _paths(root: Path) -> list[str]:
@@ -96,7 +113,7 @@ def check_outcome(data: dict, study_dir: Path) -> dict:
     experiment = client.get_experiment_by_name(tracking["experiment"])
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("caspl.role") != "baseline"]
     expected = data["search"]["num_samples"] * len(data["search"].get("seeds", [1]))
     summary_file = study_dir / "summary" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}

@@ -70,6 +70,9 @@ def method_config(args: argparse.Namespace, method: str, dataset: str):
         data["shots"], data["val_shots"] = 4, None
         data["optim"] = {**data["optim"], "epochs": 2}
         data["boost"] = {**data["boost"], "optim": {**data["boost"]["optim"], "epochs": 2}}
+        for model in (data["student"], data["boost"]["teacher"]):  # ToyWorld weights from the smoke recipes
+            if model.get("pretrained") == "toyworld":
+                model["pretrained"] = "toyworld-smoke"
     return from_dict(AdaptRunConfig, data)
 
 

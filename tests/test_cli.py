@@ -39,7 +39,9 @@ def _run_cli(*argv: str) -> tuple[dict, str, list[str]]:
     (["cache", "--inspect"], 2, "caspl cache: error: the following arguments are required: --config/-c"),
     (["eval", "-c", "x.yaml", "--protocol", "nope"], 2, "caspl eval: error: argument --protocol: invalid choice"),
     (["nope"], 2, "caspl: error: argument COMMAND: invalid choice: 'nope'"),
-], ids=["help", "no-command", "boost-without-config", "inspect-without-config", "bad-protocol", "unknown-command"])
+    (["study", "dashboard"], 2, "caspl study dashboard: error: the following arguments are required: --config/-c"),
+], ids=["help", "no-command", "boost-without-config", "inspect-without-config", "bad-protocol", "unknown-command",
+        "dashboard-without-config"])
 def test_usage_and_usage_errors_import_no_torch(argv, code, message):
     probe, stdout, errors = _run_cli(*argv)
     assert probe["code"] == code

@@ -97,6 +97,20 @@ def test_load_clip_toyworld_is_strict_and_cached(monkeypatch):
         load_clip(ModelSpec("caspl-tiny", pretrained="toyworld"))
 
 
+def test_smoke_source_is_the_same_recipe_at_a_tenth_of_the_steps_under_its_own_key(monkeypatch):
+    """`pretrained: toyworld-smoke` (smoke tests, CI) trains the same architecture on the same domains, briefly, and
+    never shares a cache entry with the real weights."""
+    for name, recipe in tp.RECIPES.items():
+        smoke = tp.SMOKE_RECIPES[name]
+        assert smoke.domains == recipe.domains and smoke.seed == recipe.seed and smoke.steps <= recipe.steps // 10
+        assert tp.model_key(name, smoke) != tp.model_key(name, recipe)
+    monkeypatch.setitem(tp.SMOKE_RECIPES, tp.STUDENT, TINY)
+    loaded = load_clip(ModelSpec(tp.STUDENT, pretrained="toyworld-smoke"))
+    assert loaded.checkpoint == str(tp.build_model(tp.STUDENT, TINY, progress=False)["weights"])
+    assert loaded.checkpoint != str(ArtifactStore().folder(tp.KIND, tp.model_key(tp.STUDENT, tp.RECIPES[tp.STUDENT]))
+                                 / tp.WEIGHTS_FILE)
+
+
 EVAL_RECIPES = {name: tp.Recipe(**{**recipe.__dict__, "eval_datasets": ("toy_sketch",)})
                 for name, recipe in TINY_RECIPES.items()}
 

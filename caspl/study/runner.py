@@ -14,6 +14,9 @@ The order is the point:
    deleted, the finished trials are counted against the configured number, the summary is published in the study
    folder, and the parent run gets FINISHED (exit 0), FAILED (exit 1; the rerun finishes the rest) or KILLED
    (exit 128 + signal). A failure or interrupt before the end closes the open runs FAILED or KILLED.
+6. The study's Optuna trials are exported to `<storage>/<name>/optuna.db`, baselines logged as child runs, the
+   parent run described (report.py); a Ray this call started is shut down, then the summary is printed: the last
+   lines on the console.
 """
 
 from __future__ import annotations
@@ -33,15 +36,18 @@ from caspl.errors import ConfigError
 from caspl.study import signals
 from caspl.study.checks import check_resources, check_study, local_resources
 from caspl.study.config import StudyConfig
-from caspl.study.report import summarise, trial_rows
+from caspl.study.console import StatusTable, summary_lines
+from caspl.study.lineage import dataset_inputs, dataset_specs, source_tags
+from caspl.study.report import OBJECTIVE, summarise, trial_rows
 from caspl.study.space import SearchSpace, trial_configs
 from caspl.study.storage import StudyFolder, normalise_storage, probe_writable
+from caspl.study.trial import finish_reported_trials
 from caspl.study.tracking import (TrackingSettings, check_parent_run, check_tracking, client, close_open_runs,
-                                  open_parent_run, settle_trial_runs, tracking_settings)
+                                  absolute_uri, log_inputs_once, open_parent_run, read_env_file, settle_trial_runs,
+                                  tracking_settings)
 
 __all__ = ["OBJECTIVE", "PreparedStudy", "check_study", "prepare_study", "run_study"]
 
-OBJECTIVE = "objective"  # the metric Tune and Optuna maximise: the value of `search.objective`
 Log = Callable[[str], None]
 
 
@@ -53,7 +59,11 @@ class PreparedStudy:
     folder: StudyFolder
     store: ArtifactStore
     state: dict = field(default_factory=dict)  # the study state found in the folder ({} for a new study)
-    teacher_cache_seconds: float = 0.0
+    teacher_cache_seconds: float = 0.0  # the teacher cache alone
+    model_build_seconds: float = 0.0  # loading (on first use: building) the student and teacher, before the cache
+    run_tags: dict = field(default_factory=dict)  # lineage tags of every run: git commit, branch, dirty, source, user
+    datasets: list = field(default_factory=list)  # what the runs read (`lineage.dataset_specs`), logged as inputs
+    ui_command: str = ""  # how to open the MLflow UI on this study's tracking store
 
     @property
     def experiment_dir(self) -> str:
@@ -81,7 +91,23 @@ def prepare_study(study: StudyConfig, repo_root: Path, log: Log = print, *, fres
             raise ConfigError(f"{folder.path} holds a study with another config; use --fresh or another name")
         if state.get("parent_run_id"):
             check_parent_run(tracking, state["parent_run_id"], folder.path)
-    return PreparedStudy(study, space, tracking, folder, store, state)
+    return PreparedStudy(study, space, tracking, folder, store, state, run_tags=source_tags(repo_root),
+                         ui_command=ui_command(tracking, env_file))
+
+
+def ui_command(tracking: TrackingSettings, env_file: Path | None) -> str:
+    """The command that opens the MLflow UI on the study's store: `mlflow --env-file ... ui` when the env file names
+    this store (run it in the env file's folder, as MLflow resolves relative paths there), else the store's URI."""
+    serve = "ui --host 127.0.0.1 --port 5000"
+    uri = tracking.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return f"the tracking server {uri}"
+    if env_file is not None and Path(env_file).is_file():
+        folder = Path(env_file).resolve().parent
+        backend = read_env_file(env_file).get("MLFLOW_BACKEND_STORE_URI")
+        if backend and absolute_uri(backend, folder) == uri:
+            return f"cd {folder} && mlflow --env-file {Path(env_file).name} {serve}"
+    return f"mlflow {serve} --backend-store-uri {uri}"
 
 
 def _local_ray(study: StudyConfig) -> bool:
@@ -110,6 +136,8 @@ def _protected_paths(store: ArtifactStore, tracking: TrackingSettings) -> dict[s
 
 def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: Log = print) -> dict:
     """Run (or resume) the study; returns the summary, whose `status` and `exit_code` say how it ended."""
+    import ray
+
     from caspl.ray_env import ensure_ray
 
     prepared = prepare_study(study, repo_root, log, fresh=fresh)
@@ -118,19 +146,36 @@ def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: 
             log(f"[study] --fresh: removed {prepared.folder.path}")
         prepared.state = {}
     local = _local_ray(study)
+    ours = not ray.is_initialized()  # a Ray this call starts (or joins from $RAY_ADDRESS) is shut down at the end
     ensure_ray(num_cpus=study.resources.ray_num_cpus)
     if not local:
         _log_cluster(log)
     with signals.handled() as interrupts:
         started = time.time()
         _warm_shared_artifacts(prepared, log)
-        prepared.teacher_cache_seconds = time.time() - started
+        prepared.datasets = _dataset_specs(study)
         parent = _open_study(prepared)
         try:
-            return _run(prepared, parent, interrupts, started, log)
+            summary = _run(prepared, parent, interrupts, started, log)
         except BaseException as exc:
             close_open_runs(prepared.tracking, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
+    if ours:
+        ray.shutdown()  # Ray's log monitor forwards workers' lines until then: the summary must come after them
+    for line in summary_lines(summary):
+        log(line)
+    return summary
+
+
+def _dataset_specs(study: StudyConfig) -> list[dict]:
+    """The data set the runs read, split by split (the boosting data set's train split too when it differs)."""
+    from caspl.train.adapt import load_dataset
+
+    specs = [spec for data in study.datasets
+             for spec in dataset_specs(load_dataset(data), {"train": "train", "val": "validation", "test": "test"})]
+    if study.boost.data is not None and study.boost.data not in study.datasets:
+        specs += dataset_specs(load_dataset(study.boost.data), {"train": "distillation"})
+    return specs
 
 
 def _open_study(prepared: PreparedStudy) -> str:
@@ -142,11 +187,24 @@ def _open_study(prepared: PreparedStudy) -> str:
         state = {"uid": uuid.uuid4().hex, "config_hash": config_hash(study), "version": __version__}
         folder.write_state(state)
     state.setdefault("uid", uuid.uuid4().hex)  # a study started by an older version
-    parent = open_parent_run(prepared.tracking, study.name, state["uid"], _study_tags(study, folder),
-                             state.get("parent_run_id"))
+    parent = open_parent_run(prepared.tracking, study.name, state["uid"],
+                             {**_study_tags(study, folder), **prepared.run_tags}, state.get("parent_run_id"))
     if state.get("parent_run_id") != parent:
         folder.write_state({**state, "parent_run_id": parent})
+    log_inputs_once(prepared.tracking, parent, dataset_inputs(prepared.datasets))
+    _log_study_config(prepared, parent)
     return parent
+
+
+def _log_study_config(prepared: PreparedStudy, parent: str) -> None:
+    """The resolved study config as an artefact of the parent run (its settings are not repeated as parameters)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="caspl-config-") as tmp:
+        path = Path(tmp) / "study_config.json"
+        path.write_text(json.dumps(to_dict(prepared.study), indent=1, default=str))
+        client(prepared.tracking).log_artifact(parent, str(path))
 
 
 def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, started: float, log: Log) -> dict:
@@ -158,6 +216,7 @@ def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, s
         interrupts.rearm()  # Tune leaves its own SIGINT handler behind
     rows = trial_rows(results)
     verdict = _verdict(study, rows, interrupts.signum)
+    finish_reported_trials(prepared.tracking, results)
     orphans = settle_trial_runs(prepared.tracking, parent, {row["trial_id"]: row["status"] for row in rows})
     if orphans:
         log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")
@@ -192,17 +251,28 @@ def _verdict(study: StudyConfig, rows: list[dict], signum: int | None) -> dict:
 
 def _tuner(prepared: PreparedStudy, parent: str, log: Log):
     """Tune restored from the newest complete session of the study folder, or a new Tuner."""
+    import optuna
     from ray import tune
 
     from caspl.study.trial import run_trial
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory with name: optuna"
+
     study, folder = prepared.study, prepared.folder
     context = {"tracking": {"tracking_uri": prepared.tracking.tracking_uri,
                             "experiment": prepared.tracking.experiment},
-               "parent_run_id": parent, "store": str(prepared.store.root)}
+               "parent_run_id": parent, "store": str(prepared.store.root), "run_tags": prepared.run_tags,
+               "datasets": prepared.datasets}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, study=to_dict(study), context=context),
         {"cpu": study.resources.trial_cpus, "gpu": study.resources.trial_gpus})
+    # Tune's automatic loggers would add TensorBoard's (no TensorBoard here; its hint pointed at Ray's temp folder):
+    # the study passes the CSV and JSON loggers itself.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if folder.is_local:  # CheckpointConfig(num_to_keep) forces a snapshot of Tune's state every num_to_keep
+        # checkpoints of a trial (so the state never names a deleted checkpoint); on a local disk that costs
+        # milliseconds, and Tune's warning about snapshots less than 5 s apart would only be noise
+        os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     if folder.settle_tune_state(len(study.search.seeds)):
         log(f"[study] resuming {folder.path} (finished trials are kept, errored ones resumed)")
         fs, path = folder.filesystem()
@@ -227,9 +297,9 @@ def _new_tuner(prepared: PreparedStudy, trainable):
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
-    reporter = tune.CLIReporter(
-        metric_columns={"phase": "phase", "epoch": "epoch", OBJECTIVE: "objective", "test_hm": "test HM"},
-        parameter_columns={k: k for k in ["method", *prepared.space.params]}, max_report_frequency=30)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    status = StatusTable(list(prepared.space.params), OBJECTIVE, "objective")  # Ray's own table shows no parameter
     storage_path, fs = prepared.folder.tune_storage()
     return tune.Tuner(
         trainable,
@@ -240,7 +310,10 @@ def _new_tuner(prepared: PreparedStudy, trainable):
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=study.name, storage_path=storage_path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
-                                  callbacks=[signals.InterruptWatch()], progress_reporter=reporter, verbose=1),
+                                  # resume needs the newest checkpoint only; one more survives Tune's snapshot
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  callbacks=[signals.InterruptWatch(), status, CSVLoggerCallback(),
+                                             JsonLoggerCallback()], verbose=0),
     )
 
 
@@ -250,8 +323,11 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     from caspl.train.boost import BoostRunConfig, prepare_boost
 
     study = prepared.study
+    began = time.time()
     for model in (study.student, study.teacher):  # weights built on first use (ToyWorld): here, not in a trial
         load_clip(model.spec(study.runtime))
+    prepared.model_build_seconds = time.time() - began
+    began = time.time()
     if any(name.startswith("boost.cache.") for name in prepared.space.params):
         log("[study] the teacher cache itself is searched: each cache variant is built by the first trial needing it")
         return
@@ -260,6 +336,7 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
         _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
         log(f"[study] teacher cache for {data.dataset} {report.key}: {report.computed} images computed, "
             f"{report.reused} reused, {len(report.skipped)} skipped -> {report.folder}")
+    prepared.teacher_cache_seconds = time.time() - began
 
 
 def _study_tags(study: StudyConfig, folder: StudyFolder) -> dict:

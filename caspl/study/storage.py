@@ -34,7 +34,8 @@ from caspl.errors import ConfigError
 
 STATE_FILE = "caspl_study.json"
 SUMMARY_DIR = "summary"
-OWN_ENTRIES = (STATE_FILE, SUMMARY_DIR)  # what survives clearing Tune's files
+OPTUNA_FILE = "optuna.db"  # the study's Optuna trials (SQLite), rewritten whole at the end of every run
+OWN_ENTRIES = (STATE_FILE, SUMMARY_DIR, OPTUNA_FILE)  # what survives clearing Tune's files
 TUNER_FILE = "tuner.pkl"
 SESSION_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
 _SESSION = re.compile(r"^experiment_state-(.+)\.json$")
@@ -286,6 +287,15 @@ class StudyFolder:
             if entry not in OWN_ENTRIES:
                 _delete(fs, f"{path}/{entry}")
         return False
+
+    def publish_file(self, local_file: Path, name: str) -> str:
+        """Copy `local_file` to `<folder>/<name>`, whole (a temporary name, then a rename, on a local disk)."""
+        fs, path = self.filesystem()
+        target = f"{path}/{name}"
+        fs.create_dir(path, recursive=True)
+        with open(local_file, "rb") as source, fs.open_output_stream(target) as stream:
+            shutil.copyfileobj(source, stream, 1 << 20)
+        return target
 
     # --- the summary -------------------------------------------------------------------------------------------
     def publish(self, local_folder: Path) -> str:

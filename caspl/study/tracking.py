@@ -20,6 +20,10 @@ ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 TRIAL_TAG = "caspl.trial_id"
 STUDY_TAG = "caspl.study"
 UID_TAG = "caspl.study_uid"  # one per study start (a --fresh study gets a new one): finds a parent run not recorded
+ROLE_TAG = "caspl.role"  # "trial" or "baseline" on child runs
+BASELINE_KEY_TAG = "caspl.baseline_key"  # the config hash of a method-alone adapting run: one baseline run per key
+BEST_TAG = "caspl.best"  # "true" on the child run(s) of the best configuration
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's description
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,8 @@ def settle_trial_runs(settings: TrackingSettings, parent_run_id: str, statuses: 
     """
     mlflow_client, orphans = client(settings), []
     for run in child_runs(settings, parent_run_id):
+        if run.data.tags.get(ROLE_TAG) == "baseline":
+            continue
         status = statuses.get(run.data.tags.get(TRIAL_TAG))
         if status is None:
             mlflow_client.delete_run(run.info.run_id)
@@ -249,3 +255,45 @@ def log_params(settings: TrackingSettings, run_id: str, params: Mapping[str, obj
     fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
     for start in range(0, len(fresh), 100):
         mlflow_client.log_batch(run_id, params=fresh[start:start + 100])
+
+
+def log_inputs_once(settings: TrackingSettings, run_id: str, inputs: list) -> None:
+    """Log dataset inputs (`mlflow.entities.DatasetInput`) on a run that has none yet (a resumed run keeps its own)."""
+    mlflow_client = client(settings)
+    run = mlflow_client.get_run(run_id)
+    if inputs and not (run.inputs and run.inputs.dataset_inputs):
+        mlflow_client.log_inputs(run_id, datasets=inputs)
+
+
+def baseline_run(settings: TrackingSettings, parent_run_id: str, key: str, run_name: str, params: Mapping,
+                 metrics: Mapping[str, float], tags: Mapping[str, str], inputs: list) -> str:
+    """The method-alone child run with baseline key `key`: found again by key (a resumed study, another trial of the
+    same method and seed), else created FINISHED with its parameters, metrics and inputs."""
+    mlflow_client = client(settings)
+    found = mlflow_client.search_runs([experiment_id(settings)], filter_string=(
+        f"tags.`{BASELINE_KEY_TAG}` = '{key}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"))
+    finished = [run for run in found if run.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id
+    run_id = found[0].info.run_id if found else mlflow_client.create_run(
+        experiment_id(settings), run_name=run_name,
+        tags={"mlflow.parentRunId": parent_run_id, ROLE_TAG: "baseline", BASELINE_KEY_TAG: key, **tags}).info.run_id
+    log_params(settings, run_id, params)
+    log_metrics(settings, run_id, metrics, step=0)
+    log_inputs_once(settings, run_id, inputs)
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def mark_best(settings: TrackingSettings, parent_run_id: str, best_run_ids: set[str]) -> None:
+    """Tag the best configuration's child runs `caspl.best=true`; a run that was best before loses the tag."""
+    mlflow_client = client(settings)
+    for run in child_runs(settings, parent_run_id):
+        if run.info.run_id in best_run_ids:
+            mlflow_client.set_tag(run.info.run_id, BEST_TAG, "true")
+        elif BEST_TAG in run.data.tags:
+            mlflow_client.delete_tag(run.info.run_id, BEST_TAG)
+
+
+def set_description(settings: TrackingSettings, run_id: str, markdown: str) -> None:
+    client(settings).set_tag(run_id, DESCRIPTION_TAG, markdown[:50000])

@@ -21,8 +21,12 @@ from caspl import __version__
 from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict
 from caspl.study.config import load_study_config
+from caspl.study.report import OBJECTIVE
 from caspl.study.space import trial_configs
-from caspl.study.tracking import TrackingSettings, client, log_metrics, log_params, trial_run
+from caspl.study.console import quiet_trial_logging
+from caspl.study.lineage import dataset_inputs
+from caspl.study.tracking import (ROLE_TAG, TrackingSettings, client, log_inputs_once, log_metrics, log_params,
+                                  trial_run)
 from caspl.train.metrics import harmonic_mean
 
 TRIAL_STATE = "trial_state.json"
@@ -37,10 +41,11 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
 
     from caspl.train.adapt import AdaptRunConfig
 
+    quiet_trial_logging()
     study_cfg = load_study_config(study)
     seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
-    method, boost_dict, adapt_dict = trial_configs(study_cfg, params, seed)
+    _, _, adapt_dict = trial_configs(study_cfg, params, seed)
     adapt_cfg = from_dict(AdaptRunConfig, adapt_dict, "adapt")
     tracking = TrackingSettings(**context["tracking"])
     trial_id = tune.get_context().get_trial_id()
@@ -48,19 +53,19 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
     state = _restore(work)
 
     run_id = trial_run(tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
-                       tags={"method": method, "caspl.version": __version__, "caspl.seed": str(seed),
-                             "caspl.adapt_config_hash": config_hash(adapt_cfg)},
+                       tags={ROLE_TAG: "trial", "caspl.version": __version__, "caspl.seed": str(seed),
+                             "caspl.adapt_config_hash": config_hash(adapt_cfg), **context.get("run_tags", {})},
                        known_run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = run_id
     state["attempt"] = state.get("attempt", 0) + 1  # starts of this trial: retries after a failure, resumes
     client(tracking).set_tag(run_id, "caspl.attempt", str(state["attempt"]))
     client(tracking).set_tag(run_id, "caspl.node_id", ray.get_runtime_context().get_node_id())
     with _guarded(tracking, run_id, work):
-        log_params(tracking, run_id, {**params, "seed": seed, **_flat("boost", boost_dict),
-                                      **_flat("adapt", adapt_dict)})
+        log_params(tracking, run_id, {**params, "seed": seed})  # the search-space names; resolved configs: artefact
+        log_inputs_once(tracking, run_id, dataset_inputs(context.get("datasets", [])))
 
         if "final" in state:  # finished before a crash: report the same result again, touch nothing else
-            _finish_mlflow(tracking, run_id, state["final"])
+            finish_mlflow(tracking, run_id, state["final"])
             tune.report(state["final"])
             return
 
@@ -76,10 +81,9 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
         final[OBJECTIVE] = final[OBJECTIVE_KEYS[study_cfg.search.objective]]
         state["final"] = final
         _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
-        _finish_mlflow(tracking, run_id, final)
+        finish_mlflow(tracking, run_id, final)
 
 
-OBJECTIVE = "objective"  # the metric Tune maximises (caspl.study.runner.OBJECTIVE)
 OBJECTIVE_KEYS = {"pseudo_novel": "pseudo_hm", "val_hm": "val_hm"}  # search.objective -> the final metric it reads
 
 
@@ -139,8 +143,10 @@ class _Trial:
         on_epoch = self._epoch_reporter(dataset) if report else None
         result = adapt_and_evaluate(cfg, self.seed, self.store, dataset, boost_prompts=boost_prompts,
                                     on_epoch=on_epoch, splits=splits)
-        if report and f"{self.prefix}adapt/loss" not in client(self.tracking).get_run(self.run_id).data.metrics:
-            for epoch in result["history"]:  # a reused run trained no epoch here: log its curve once
+        if report:  # epochs MLflow lacks: all of a reused run's; one whose checkpoint beat a kill to `on_epoch`
+            logged = {m.step for m in client(self.tracking).get_metric_history(self.run_id,
+                                                                               f"{self.prefix}adapt/loss")}
+            for epoch in [e for e in result["history"] if e["epoch"] not in logged]:
                 log_metrics(self.tracking, self.run_id,
                             {f"{self.prefix}adapt/{k}": v for k, v in epoch.items() if k != "epoch"}, epoch["epoch"])
         return result
@@ -196,12 +202,19 @@ def _guarded(tracking: TrackingSettings, run_id: str, work: Path):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
-    """Log the final metrics and close the run, once (a resumed trial finds it already FINISHED)."""
+def finish_mlflow(tracking: TrackingSettings, run_id: str, final: dict) -> None:
+    """Log the final metrics and close the run, once (a resumed trial finds it already FINISHED). Also called by
+    the driver for a trial whose final result reached Tune but whose process was stopped before this ran."""
     if client(tracking).get_run(run_id).info.status == "FINISHED":
         return
-    log_metrics(tracking, run_id, {k: v for k, v in final.items() if k not in ("phase", "finished", "trial_id")}, 0)
+    log_metrics(tracking, run_id, {k: shown(v) for k, v in final.items()
+                                   if k not in ("phase", "finished", "trial_id")}, 0)
     client(tracking).set_terminated(run_id, "FINISHED")
+
+
+def shown(value):
+    """A final metric as MLflow shows it: accuracies and HMs (percentages) and seconds to 2 decimals."""
+    return round(value, 2) if isinstance(value, float) else value
 
 
 def adapt_and_evaluate(cfg, seed: int, store: ArtifactStore, dataset, *, boost_prompts: Path | None,
@@ -229,14 +242,56 @@ def validation_hm(model, dataset) -> dict:
     return scores
 
 
+def finish_reported_trials(tracking: TrackingSettings, results) -> None:
+    """A trial reports its final result to Tune (with its checkpoint) before it tells MLflow; an interrupt between
+    the two leaves a run Tune counts as finished and will not run again, without its final metrics. Finish those
+    runs from the final result in each finished trial's checkpoint (`results`: Tune's), as the trial would have."""
+    for result in results:
+        if (result.metrics or {}).get("finished"):
+            state = checkpoint_state(_newest_checkpoint(result))
+            if state.get("final") and state.get("mlflow_run_id"):
+                finish_mlflow(tracking, state["mlflow_run_id"], state["final"])
+
+
+def _newest_checkpoint(result):
+    """The newest checkpoint folder in a trial's folder: a stop can come after the trial wrote its final checkpoint
+    but before Tune registered it as the result's checkpoint."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    fs = result.filesystem or pafs.LocalFileSystem()
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(result.path))
+    except (FileNotFoundError, OSError):
+        return result.checkpoint
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_"))
+    return tune.Checkpoint(f"{result.path}/{names[-1]}", filesystem=fs) if names else result.checkpoint
+
+
+def checkpoint_state(checkpoint) -> dict:
+    """The trial state (MLflow run id, final result) in a trial's Tune checkpoint; {} when it has none."""
+    if checkpoint is None:
+        return {}
+    try:
+        with checkpoint.as_directory() as folder:
+            path = Path(folder) / TRIAL_STATE
+            return json.loads(path.read_text()) if path.exists() else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def _restore(work: Path) -> dict:
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return {}
-    with checkpoint.as_directory() as folder:
-        shutil.copytree(folder, work, dirs_exist_ok=True)
+    try:
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, work, dirs_exist_ok=True)
+    except FileNotFoundError:  # Tune kept only the newest checkpoints and a kill beat its state snapshot: start
+        return {}  # over (the MLflow run is found by trial id, the adapting run resumes from the artefact store)
     path = work / TRIAL_STATE
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -257,16 +312,6 @@ def _run_name(params: dict, seed: int) -> str:
 
 def _fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _flat(prefix: str, data: dict) -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(f"{prefix}.{key}", value))
-        else:
-            out[f"{prefix}.{key}"] = value
-    return out
 
 
 def _log_artifacts(tracking, run_id: str, result: dict, boost_dict: dict, adapt_dict: dict, prefix: str = "") -> None:

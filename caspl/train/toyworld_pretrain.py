@@ -35,7 +35,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -97,6 +97,13 @@ RECIPES: dict[str, Recipe] = {
                     domain_weights=(4, 4, 1, 0.05, 0.05, 0.05), steps=900, seed=2),
 }
 
+# `pretrained: toyworld-smoke`: the same architectures, domains and code path at a tenth of the steps (seconds for
+# both), for smoke tests and CI, which check that things run and fit together, not what the miniature measures.
+SMOKE_RECIPES: dict[str, Recipe] = {name: replace(recipe, steps=max(10, recipe.steps // 10),
+                                                  warmup=max(2, recipe.warmup // 10), eval_datasets=("toy_sketch",))
+                                    for name, recipe in RECIPES.items()}
+SOURCES = {"toyworld": RECIPES, "toyworld-smoke": SMOKE_RECIPES}  # weight source name -> its recipes
+
 
 # ------------------------------------------------------------------------------------------------------- public
 def model_key(name: str, recipe: Recipe) -> str:
@@ -105,18 +112,20 @@ def model_key(name: str, recipe: Recipe) -> str:
 
 
 def resolve_weights(spec: ModelSpec) -> Path:
-    """The ToyWorld weights file for `spec.name` (a `caspl-toy-*` architecture), built on first use.
+    """The ToyWorld weights file for `spec.name` (a `caspl-toy-*` architecture) by the recipes of the weight
+    source `spec.pretrained` ("toyworld" or "toyworld-smoke"), built on first use.
 
-    A missing model is built together with its missing partner (teacher and student, one process each): whatever
-    needs one of them almost always needs the other next, and the pair then costs the time of the slower one.
+    A missing model is built together with its missing partner of the same source: whatever needs one of them
+    almost always needs the other next, and the pair built in parallel costs the time of the slower one.
     """
-    if spec.name not in RECIPES:
-        raise ConfigError(f"pretrained 'toyworld' exists only for {sorted(RECIPES)}, not {spec.name!r}; "
+    recipes = SOURCES[spec.pretrained or "toyworld"]
+    if spec.name not in recipes:
+        raise ConfigError(f"pretrained {spec.pretrained!r} exists only for {sorted(recipes)}, not {spec.name!r}; "
                           "use one of those architectures or another weight source")
     store = ArtifactStore()
-    if store.get(KIND, model_key(spec.name, RECIPES[spec.name])) is None:
-        build_toyworld_models(store, progress=False)
-    return build_model(spec.name, store=store)["weights"]
+    if store.get(KIND, model_key(spec.name, recipes[spec.name])) is None:
+        build_toyworld_models(store, recipes=recipes, progress=False)
+    return build_model(spec.name, recipes[spec.name], store=store)["weights"]
 
 
 def build_model(
@@ -353,4 +362,5 @@ def _discard(store: ArtifactStore, key: str) -> None:
         shutil.rmtree(target, ignore_errors=True)
 
 
-register_weight_source("toyworld", resolve_weights)
+for _source in SOURCES:
+    register_weight_source(_source, resolve_weights)
