@@ -250,13 +250,17 @@ def summarise(rows: list[dict], datasets: list[str], labels: list[str]) -> dict:
     """{label: {dataset | "average": aggregate}}; the average is the HM of the base and novel averages."""
     from caspl.train.metrics import aggregate_seeds, harmonic_mean
 
+    nan = float("nan")
     table = {}
     for label in labels:
-        per_dataset = {d: aggregate_seeds([r for r in rows if r["label"] == label and r["dataset"] == d])
+        keys = ("base",) if label == PROBE_ROW else ("base", "novel")  # the probe has no novel accuracy
+        per_dataset = {d: {"novel": nan, "hm": nan,
+                           **aggregate_seeds([r for r in rows if r["label"] == label and r["dataset"] == d], keys)}
                        for d in datasets}
         base = sum(v["base"] for v in per_dataset.values()) / len(datasets)
         novel = sum(v["novel"] for v in per_dataset.values()) / len(datasets)
-        table[label] = {**per_dataset, "average": {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}}
+        hm = nan if novel != novel else harmonic_mean(base, novel)
+        table[label] = {**per_dataset, "average": {"base": base, "novel": novel, "hm": hm}}
     return table
 
 
