@@ -547,7 +547,7 @@ def _assert_runs_explain_themselves(runs, parent, children) -> None:
         assert tags["mlflow.source.name"] == "studies/boost_sweep.py" and tags["mlflow.user"]
         assert tags["caspl.git.dirty"] in ("true", "false")
         inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
-        assert {name for name, _ in inputs} == {"toy_sketch/train", "toy_sketch/val", "toy_sketch/test"}, inputs
+        assert {name for name, _ in inputs} == {"toy_faded/train", "toy_faded/val", "toy_faded/test"}, inputs
         assert all(len(digest) == 16 for _, digest in inputs)
     for child in children:
         params = set(child.data.params)
