@@ -178,15 +178,19 @@ def train_accuracy(cfg, seed: int, student) -> tuple[float, float]:
     return accuracy(outcome.model, outcome.train.train, spec), accuracy(zeroshot, outcome.train.train, spec)
 
 
-def run_all(jobs: list, workers: int) -> list[dict]:
-    rows = []
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """The worker processes of every run and reference row (started once: each start imports torch and caspl)."""
     context = multiprocessing.get_context("spawn")  # no fork after Ray or torch threads started
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for n, row in enumerate(pool.map(run_job, jobs), 1):
-            rows.append(row)
-            print(f"[toy_table] {n}/{len(jobs)} {row['dataset']} {row['label']} seed {row['seed']}: "
-                  f"base {row['base']:.1f} novel {row['novel']:.1f} HM {row['hm']:.1f} ({row['seconds']:.0f}s)",
-                  flush=True)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def run_all(jobs: list, pool: ProcessPoolExecutor) -> list[dict]:
+    rows = []
+    for n, row in enumerate(pool.map(run_job, jobs), 1):
+        rows.append(row)
+        print(f"[toy_table] {n}/{len(jobs)} {row['dataset']} {row['label']} seed {row['seed']}: "
+              f"base {row['base']:.1f} novel {row['novel']:.1f} HM {row['hm']:.1f} ({row['seconds']:.0f}s)",
+              flush=True)
     return rows
 
 
@@ -233,10 +237,8 @@ def run_reference(job: tuple[str, str, int, object]) -> dict:
     return {"dataset": dataset, "label": label, "seed": seed, **result, "seconds": time.perf_counter() - started}
 
 
-def run_references(jobs: list, workers: int) -> list[dict]:
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        rows = list(pool.map(run_reference, jobs))
+def run_references(jobs: list, pool: ProcessPoolExecutor) -> list[dict]:
+    rows = list(pool.map(run_reference, jobs))
     for row in rows:
         print(f"[toy_table] {row['dataset']} {row['label']} seed {row['seed']}: base {row['base']:.1f} "
               f"novel {row['novel']:.1f} ({row['seconds']:.0f}s)", flush=True)
@@ -389,8 +391,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     boost_folders = boost_all(args)
     jobs = plan_jobs(args, boost_folders)
-    rows = run_all(jobs, args.workers)
-    rows += run_references(reference_jobs(args), args.workers)
+    with worker_pool(args.workers) as pool:
+        rows = run_all(jobs, pool)
+        rows += run_references(reference_jobs(args), pool)
     labels = [TEACHER_ROW, ZEROSHOT, PROBE_ROW] + [label for m in args.methods for label in (m, f"{m}+caspl")]
     table = summarise(rows, args.datasets, labels)
     checks = acceptance(table, args.methods, rows, args.datasets)
