@@ -169,13 +169,17 @@ def _stop_local_ray() -> None:
 
 
 def _prebuild_models(args) -> None:
+    """Build the study's ToyWorld models (those of the smoke recipes for --smoke-test) before any clock starts."""
+    import caspl.train  # noqa: F401  (registers the toyworld weight sources)
     from caspl.config import load_yaml
-    from caspl.train.toyworld_pretrain import build_model
+    from caspl.models import ModelSpec, load_clip
 
     data = load_yaml(args.config)
+    if args.smoke_test:
+        data = smoke_overrides(data)
     for role in ("student", "teacher"):
-        if data[role].get("pretrained") == "toyworld":
-            build_model(data[role]["name"])
+        if str(data[role].get("pretrained", "")).startswith("toyworld"):
+            load_clip(ModelSpec(data[role]["name"], data[role]["pretrained"]))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ def trainable_methods() -> list[str]:
     return sorted(name for name in METHOD_CASES if method_class(name).config_cls.kind == BASE)
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """Longest first: `slow(seconds=N)` tests by N, then the rest in file order. With the README's
+    `-n auto --dist load --maxschedchunk 1` workers take tests one at a time in this order, so the long end-to-end
+    tests start at once and spread over the workers instead of one of them finishing alone."""
+    def expected_seconds(item) -> float:
+        slow = item.get_closest_marker("slow")
+        return slow.kwargs.get("seconds", 10) if slow is not None else 0
+
+    items.sort(key=expected_seconds, reverse=True)  # stable: ties keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Artefacts built by a test land in a per-session temporary store, never in the user's cache."""

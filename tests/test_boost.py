@@ -75,6 +75,7 @@ def test_views_are_reproducible_from_id_view_and_seed():
     assert {view_of("0000000a", e, 3) for e in range(3)} == {0, 1, 2}
 
 
+@pytest.mark.slow(seconds=15)
 def test_cache_builds_once_skips_corrupt_images_and_reuses(tmp_path, ray_local):
     store = ArtifactStore(tmp_path / "store")
     images = _images(tmp_path, 6, bad=1)
@@ -103,6 +104,7 @@ def test_cache_builds_once_skips_corrupt_images_and_reuses(tmp_path, ray_local):
         assert "broken0.png" in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow(seconds=10)
 def test_interrupted_build_keeps_finished_shards_and_recomputes_a_corrupt_one(tmp_path, ray_local):
     store = ArtifactStore(tmp_path / "store")
     images = _images(tmp_path, 12)
@@ -178,6 +180,7 @@ def test_online_and_cached_teacher_give_the_same_loss_on_identical_views(tmp_pat
     assert float(online_loss) == pytest.approx(float(cached_loss), rel=1e-5)
 
 
+@pytest.mark.slow(seconds=30)
 def test_ddp_on_ray_train_matches_a_single_process(tmp_path, ray_local):
     from caspl.methods.state import read_prompt_state
 

@@ -263,6 +263,7 @@ def _rewrite_shards_shuffled(folder: Path, key: str, seed: int = 0, rows_per_sha
     write_manifest(folder, key, {"kind": KIND, "images": len(order)})
 
 
+@pytest.mark.slow(seconds=15)
 def test_boosting_is_bit_equal_whatever_the_batching_and_shard_order(tmp_path, ray_local):
     first = from_dict(BoostRunConfig, _config(tmp_path / "a"))
     other = from_dict(BoostRunConfig, _config(tmp_path / "b", cache={"batch_size": 1, "shard_size": 13, "actors": 2}))
@@ -360,6 +361,7 @@ print(json.dumps({"killed": killed, "images": len(ids), "computed": survivor.com
 """
 
 
+@pytest.mark.slow(seconds=38)
 def test_a_killed_teacher_actor_is_replaced_and_the_cache_completes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -167,7 +167,7 @@ def test_base_to_novel_reports_every_seed_and_their_aggregate(tiny):
         protocols.base_to_novel(_cfg(subsample="all"), student=tiny)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_toy_table_smoke_test_writes_a_row_for_every_method(tmp_path):
     """The CI-sized ToyWorld table (builds the ToyWorld models on first use, then boosts and adapts briefly)."""
     import subprocess

@@ -395,14 +395,11 @@ STARTUP_KILLS = (
 )
 
 
-@pytest.mark.slow
-def test_study_survives_kills_at_startup_instants_kill_9_and_ctrl_c_with_one_run_per_trial(tmp_path):
-    """SIGKILL at distinct instants of the start-up, kill -9 after a trial finished, then Ctrl-C: each rerun
-    continues; the end has one parent run, one FINISHED child run per configured trial, trials finished before a
-    kill were not run again, and another study's folder in the same storage is untouched."""
-    from mlflow.tracking import MlflowClient
-
-    from studies.check_resume_instants import check_outcome, first_match, folder_digest, run_and_signal
+@pytest.mark.slow(seconds=80)
+def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_path):
+    """SIGKILL at distinct instants of the start-up, each time a rerun: the end has one parent run, one FINISHED
+    child run per configured trial, and another study's folder in the same storage is untouched."""
+    from studies.check_resume_instants import first_match, folder_digest, run_and_signal
 
     data = tiny_study(tmp_path, **{"search.num_samples": 4})
     command = [sys.executable, str(SWEEP), "--config", str(_write(tmp_path, data))]
@@ -417,6 +414,21 @@ def test_study_survives_kills_at_startup_instants_kill_9_and_ctrl_c_with_one_run
         assert killed["signalled_at"] is not None, (pattern, log.read_text()[-3000:])
         assert len([r for r in _runs(tmp_path / "mlflow.db") if "mlflow.parentRunId" not in r.data.tags]) <= 1
 
+    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db")
+    assert folder_digest(sibling) == sibling_before
+
+
+@pytest.mark.slow(seconds=80)
+def test_study_survives_kill_9_after_a_trial_and_ctrl_c_without_rerunning_finished_trials(tmp_path):
+    """kill -9 right after a trial finished, then Ctrl-C while a trial runs (exit 130, runs KILLED, the Optuna export
+    written): the rerun continues; trials finished before a kill were not run again."""
+    from mlflow.tracking import MlflowClient
+
+    from studies.check_resume_instants import first_match, run_and_signal
+
+    data = tiny_study(tmp_path, **{"search.num_samples": 4})
+    command = [sys.executable, str(SWEEP), "--config", str(_write(tmp_path, data))]
+    folder, log, env = tmp_path / "runs" / "tiny", tmp_path / "rounds.log", _env(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     first = subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
@@ -438,19 +450,26 @@ def test_study_survives_kills_at_startup_instants_kill_9_and_ctrl_c_with_one_run
     finished = [r for r in _children(_runs(tmp_path / "mlflow.db")) if r.info.status == "FINISHED"]
     _assert_optuna_holds_what_tune_finished(folder, finished)  # exported by the interrupted run too
 
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming" in second.stdout
-    outcome = check_outcome(data, folder)
-    assert all(outcome["checks"].values()), outcome
+    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db")
     for run in _children(_runs(tmp_path / "mlflow.db")):  # trials finished before the kill were not run again
         if run.info.run_id in end_times:
             assert client.get_run(run.info.run_id).info.end_time == end_times[run.info.run_id]
-    assert folder_digest(sibling) == sibling_before
-    _assert_optuna_holds_what_tune_finished(folder, _children(_runs(tmp_path / "mlflow.db")))  # 4 after the kills
 
 
-@pytest.mark.slow
+def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path) -> None:
+    """The same command again resumes and ends with one parent run, one FINISHED child run per configured trial,
+    and the Optuna storage holding every finished trial."""
+    from studies.check_resume_instants import check_outcome
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    outcome = check_outcome(data, folder)
+    assert all(outcome["checks"].values()), outcome
+    _assert_optuna_holds_what_tune_finished(folder, _children(_runs(db)))
+
+
+@pytest.mark.slow(seconds=60)
 def test_a_trial_on_a_lost_node_resumes_on_the_other_from_its_last_epoch(tmp_path):
     """`studies/check_node_loss.py --smoke-test`: a two-node local cluster loses the node of a running trial."""
     done = subprocess.run([sys.executable, str(REPO / "studies" / "check_node_loss.py"), "--smoke-test",
@@ -478,7 +497,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_ray_job_submit_runs_the_smoke_study_on_a_running_head(tmp_path):
     env = _env(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -506,7 +525,7 @@ def test_ray_job_submit_runs_the_smoke_study_on_a_running_head(tmp_path):
     assert len(_children(runs)) == 2 and all("test_hm" in r.data.metrics for r in _children(runs))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=74)
 def test_smoke_test_of_the_embedded_default_logs_one_parent_and_its_trials(tmp_path):
     """`boost_sweep.py --smoke-test` on the shipped default (ToyWorld models, built on first use), MLflow via env:
     the runs explain themselves, the Optuna storage holds what Tune finished, and the console ends on the summary."""
@@ -782,7 +801,7 @@ def test_files_written_through_the_atomic_filesystem_appear_whole(tmp_path):
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["a"] and (tmp_path / "dst" / "a").stat().st_size == 1e5
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=67)
 def test_study_on_uri_storage_resumes_into_the_same_parent_run(tmp_path):
     """Storage given as a URI (as for a cloud bucket) keeps the study state there: a rerun resumes, no new parent."""
     path = _write(tmp_path, tiny_study(tmp_path, **{"search.num_samples": 2, "storage": f"file://{tmp_path}/uri"}))
@@ -806,7 +825,7 @@ def test_study_on_uri_storage_resumes_into_the_same_parent_run(tmp_path):
     assert [r.info.status for r in _children(runs)] == ["FINISHED", "FINISHED"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_a_study_over_two_datasets_searches_a_label_free_objective_and_reports_its_agreement(tmp_path, ray_local):
     """Each trial boosts and adapts on both datasets; the objective is the pseudo-novel HM of their averages (what
     Tune saw), test numbers are the HM of the averaged base and novel accuracies, and the summary reports how each
@@ -837,7 +856,7 @@ def test_a_study_over_two_datasets_searches_a_label_free_objective_and_reports_i
     assert "Spearman(pseudo_hm, test HM)" in (tmp_path / "runs" / "tiny" / "summary" / "summary.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=11)
 def test_an_errored_trial_fails_its_run_the_study_and_the_exit_code(tmp_path, ray_local):
     """A trial that raises (boosting batches larger than the data, found only when the trial loads its images):
     its run FAILED, the parent FAILED, exit code 1 with the count; the summary says so."""

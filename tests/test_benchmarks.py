@@ -1,0 +1,60 @@
+"""Every script under studies/ has a CI-sized `--smoke-test`, and CI runs it: the benchmarks here (their JSON summary,
+the last line of stdout, holds the ratios the README quotes), the studies, checks and tables in their own tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = REPO / "studies"
+
+# What each benchmark's JSON summary must hold: the ratio it exists to measure and what it is computed from.
+BENCHMARK_KEYS = {
+    "bench_cache_throughput.py": {"raw_views_per_s", "cache_views_per_s", "ratio", "raw_seconds", "cache_seconds"},
+    "bench_inference.py": {"model", "repeats", "results"},
+    "bench_study_overhead.py": {"runs", "ratios"},
+    "bench_teacher_cache.py": {"speedup", "ideal_speedup", "fraction_of_ideal", "teacher_view_passes_later_trials"},
+}
+
+
+def test_every_benchmark_has_its_expected_summary_listed():
+    assert sorted(p.name for p in STUDIES.glob("bench_*.py")) == sorted(BENCHMARK_KEYS)
+
+
+def test_every_script_has_a_smoke_test_that_a_test_runs():
+    tests = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
+    for script in sorted(STUDIES.glob("*.py")):
+        if script.name == "__init__.py":
+            continue
+        assert '"--smoke-test"' in script.read_text(), f"{script.name}: add a --smoke-test flag"
+        assert script.name in tests or script.stem in tests, f"{script.name}: no test exercises it"
+
+
+SMOKE_SECONDS = {"bench_study_overhead.py": 60, "bench_cache_throughput.py": 20, "bench_teacher_cache.py": 20,
+                 "bench_inference.py": 8}  # serial, measured here: the longest start first under xdist
+
+
+@pytest.mark.parametrize("script", [pytest.param(name, marks=pytest.mark.slow(seconds=SMOKE_SECONDS[name]))
+                                    for name in sorted(BENCHMARK_KEYS)])
+def test_benchmark_smoke_test_prints_its_summary_last(script, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # CASPL_CACHE: the session's store
+    done = subprocess.run([sys.executable, str(STUDIES / script), "--smoke-test"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert BENCHMARK_KEYS[script] <= set(summary), sorted(summary)
+    if script == "bench_cache_throughput.py":
+        assert summary["ratio"] == pytest.approx(summary["cache_views_per_s"] / summary["raw_views_per_s"], rel=0.05,
+                                                 abs=0.001)  # printed to 3 decimals
+    if script == "bench_study_overhead.py":
+        assert summary["runs"] and all(run["errored"] == 0 and run["trials"] > 0 for run in summary["runs"])
+    if script == "bench_teacher_cache.py":  # later trials with other temperatures reuse the cache
+        assert summary["teacher_view_passes_later_trials"] == [0, 0, 0]
+    if script == "bench_inference.py":
+        assert all(len(row["slowdown_pct_per_repeat"]) == summary["repeats"] for row in summary["results"])
