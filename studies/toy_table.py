@@ -3,11 +3,11 @@
 Rows: the zero-shot student, each base method alone and each base method +CasPL; columns: base / novel / HM per
 dataset and their average (HM of the averaged base and novel accuracies). Two reference rows frame them: the
 zero-shot teacher (what boosting distils) and a linear probe on the student's frozen image features of the same
-K-shot training images (base classes only; its weight decay chosen on validation). One boosting run per dataset (seed 1),
-shared by every method and seed (run_boost reuses it by key); adapting runs use seeds 1, 2, 3 and run in a pool of
-worker processes. Finished runs are reused on a re-run (they live in the artefact store, keyed by their config).
+K-shot training images (base classes only; its weight decay chosen on validation). One boosting run per dataset
+(seed 1), shared by every method and seed (run_boost reuses it by key); adapting runs use seeds 1, 2, 3 and run in a
+pool of worker processes. Finished runs are reused on a re-run (they live in the artefact store, keyed by their config).
 
-    python studies/toy_table.py                    # full table (<= 30 min on 2 cores, cold cache)
+    python studies/toy_table.py                    # full table (budget: 30 min on 2 cores, cold cache)
     python studies/toy_table.py --smoke-test       # 1 dataset, 1 seed, a few epochs (CI)
 
 Writes table.md, results.json and hm.png into --out (default studies/results/toy_table/). Besides the table: each
@@ -404,8 +404,9 @@ def main(argv=None) -> int:
     text = markdown(table, args.datasets, args.seeds)
     text += "\nAverage HM, mean ± sample std over seeds of each seed's average: " + "; ".join(
         f"{label} {s['mean']:.1f} ± {s['std']:.1f}" for label, s in spreads.items()) + ".\n"
-    text += "\nCoOp on its own K-shot training images (accuracy %, mean ± std over seeds) against zero-shot: " + "; ".join(
-        f"{d} {f['train']:.1f} ± {f['train_std']:.1f} vs {f['zeroshot_train']:.1f}" for d, f in fits.items()) + ".\n"
+    text += ("\nCoOp on its own K-shot training images (accuracy %, mean ± std over seeds) against zero-shot: "
+             + "; ".join(f"{d} {f['train']:.1f} ± {f['train_std']:.1f} vs {f['zeroshot_train']:.1f}"
+                         for d, f in fits.items()) + ".\n")
     text += "\nMean pairwise cosine of the class text features (template, all classes): " + "; ".join(
         f"{d} student {c['student']:.3f}, teacher {c['teacher']:.3f}" for d, c in cosines.items()) + ".\n"
     text += "\n" + "\n".join(f"- {claim}: {'yes' if ok else 'NO'}" for claim, ok in checks.items()) + "\n"

@@ -181,7 +181,8 @@ def test_toy_table_smoke_test_writes_a_row_for_every_method(tmp_path):
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")]
     labels = [row.split("|")[1].strip() for row in rows[1:]]
     methods = list_methods(BASE)
-    assert labels == ["zeroshot teacher", "zeroshot", "linear probe"] + [l for m in methods for l in (m, f"{m}+caspl")]
+    expected = [label for m in methods for label in (m, f"{m}+caspl")]
+    assert labels == ["zeroshot teacher", "zeroshot", "linear probe"] + expected
     assert all(len(row.split("|")) == 2 + 1 + 6 for row in rows[1:])  # label + (base, novel, HM) x (dataset, average)
     probe = [cell.strip() for cell in rows[3].split("|")[2:-1]]
     assert probe[0] != "-" and probe[1:3] == ["-", "-"]  # the probe knows the base classes only

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from caspl.artifacts import ArtifactStore, atomic_write_text, content_key
-from caspl.errors import ConfigError, DataError
+from caspl.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 FEWSHOT_KIND = "fewshot"

@@ -104,7 +104,8 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
 
 
 @torch.no_grad()
-def image_features(student: LoadedCLIP, items: Sequence[Item], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def image_features(student: LoadedCLIP, items: Sequence[Item],
+                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image features [N, E] of the unprompted student (evaluation preprocessing) and labels [N]."""
     model = student.model
     was_training = model.training

@@ -98,7 +98,8 @@ RECIPES: dict[str, Recipe] = {
 }
 
 # `pretrained: toyworld-smoke`: the same architectures, domains and code path at a tenth of the steps, 40 at most
-# (seconds for both), for smoke tests and CI, which check that things run and fit together, not what the miniature measures.
+# (seconds for both), for smoke tests and CI, which check that things run and fit together, not what the miniature
+# measures.
 SMOKE_RECIPES: dict[str, Recipe] = {name: replace(recipe, steps=min(40, max(10, recipe.steps // 10)),
                                                   warmup=max(2, recipe.warmup // 10), eval_datasets=("toy_sketch",))
                                     for name, recipe in RECIPES.items()}
@@ -181,7 +182,8 @@ def build_toyworld_models(
     results = {}
     if parallel and len(missing) > 1 and not multiprocessing.current_process().daemon:
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-        jobs = [(name, recipes[name], str(store.root), force, i if progress else None) for i, name in enumerate(missing)]
+        jobs = [(name, recipes[name], str(store.root), force, i if progress else None)
+                for i, name in enumerate(missing)]
         with ProcessPoolExecutor(max_workers=len(missing), mp_context=context) as pool:
             results = dict(zip(missing, pool.map(_build_in_process, jobs)))
     for name, recipe in recipes.items():
