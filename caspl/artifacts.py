@@ -118,7 +118,11 @@ def verify_folder(folder: Path, key: str | None = None) -> dict:
         raise CorruptArtifactError(f"{folder}: manifest key {manifest['key']!r} != expected {key!r}")
     for rel, info in manifest["files"].items():
         path = folder / rel
-        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+        try:
+            intact = path.is_file() and path.stat().st_size == info["bytes"] and sha256_file(path) == info["sha256"]
+        except OSError as exc:  # e.g. another process moved a damaged folder aside while this one read it
+            raise CorruptArtifactError(f"{path}: unreadable ({_one_line(exc)})") from None
+        if not intact:
             raise CorruptArtifactError(f"{path}: checksum mismatch with {manifest_path}")
     return manifest
 

@@ -162,6 +162,26 @@ print(json.dumps(str(ArtifactStore(root).get_or_build("things", "k1", build, log
 """
 
 
+def test_a_folder_moved_away_while_it_is_verified_reads_as_damaged_not_as_a_crash(tmp_path, monkeypatch):
+    """A process verifying a folder outside the key's lock can see another process move it aside mid-read (a
+    damaged build being quarantined): that is a failed verification, which then waits for the lock."""
+    import caspl.artifacts as artifacts
+    from caspl.artifacts import CorruptArtifactError
+
+    store = ArtifactStore(tmp_path / "store")
+    folder = store.get_or_build(KIND, KEY, _build_into, log=None)
+    real_sha256 = artifacts.sha256_file
+
+    def moved_first(path):
+        if folder.exists():
+            folder.rename(folder.with_name(f".{KEY}.corrupt.0"))
+        return real_sha256(path)
+
+    monkeypatch.setattr(artifacts, "sha256_file", moved_first)
+    with pytest.raises(CorruptArtifactError, match="unreadable"):
+        verify_folder(folder, KEY)
+
+
 @pytest.mark.parametrize("start", ["absent", "damaged"])
 def test_concurrent_builders_build_once(tmp_path, start):
     store = ArtifactStore(tmp_path / "store")
