@@ -17,6 +17,7 @@ from caspl.train.metrics import harmonic_mean, spearman
 
 SEARCHED_PREFIXES = ("boost.", "adapt.")
 OBJECTIVE = "objective"  # the metric Tune and Optuna maximise: the value `search.objective` names
+OBJECTIVE_KEYS = {"pseudo_novel": "pseudo_hm", "val_hm": "val_hm"}  # search.objective -> the metric it reads
 OBJECTIVE_NAMES = {"pseudo_novel": "HM on pseudo-novel validation (no novel-class label)",
                    "val_hm": "validation HM on base and novel classes"}
 
@@ -87,7 +88,7 @@ def _fmt(value) -> str:
 
 def agreement_lines(agreement: dict[str, float], objective: str) -> str:
     """Markdown lines: how well each objective ranked the trials by test HM."""
-    used = {"pseudo_novel": "pseudo_hm", "val_hm": "val_hm"}[objective]
+    used = OBJECTIVE_KEYS[objective]
     lines = [f"- Spearman({name}, test HM) over finished trials: {rho:.2f}"
              + (" (the objective searched)" if name == used else "") for name, rho in agreement.items()]
     return ("\n" + "\n".join(lines) + "\n") if lines else ""

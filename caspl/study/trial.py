@@ -21,7 +21,7 @@ from caspl import __version__
 from caspl.artifacts import ArtifactStore
 from caspl.config import config_hash, from_dict
 from caspl.study.config import load_study_config
-from caspl.study.report import OBJECTIVE
+from caspl.study.report import OBJECTIVE, OBJECTIVE_KEYS
 from caspl.study.space import trial_configs
 from caspl.study.console import quiet_trial_logging
 from caspl.study.lineage import dataset_inputs
@@ -82,9 +82,6 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
         state["final"] = final
         _report(work, state, final)  # the checkpoint holds the result before MLflow is told: a resume re-reports it
         finish_mlflow(tracking, run_id, final)
-
-
-OBJECTIVE_KEYS = {"pseudo_novel": "pseudo_hm", "val_hm": "val_hm"}  # search.objective -> the final metric it reads
 
 
 class _Trial:
