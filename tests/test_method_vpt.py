@@ -33,14 +33,14 @@ def test_prompt_state_keys(tiny):
     assert {k: list(v.shape) for k, v in state.items()} == {"adapt.vision.tokens": [case["depth"], case["length"], 48]}
 
 
-def test_text_is_the_template_and_vision_tokens_follow_the_boosting_tokens(tiny):
+def test_text_is_the_template_alone_the_boosted_students_with_caspl_and_vision_tokens_follow_the_boosting_tokens(tiny):
     alone, cascaded = _model(tiny), _model(tiny, TINY_BOOST)
     template = tiny.tokenizer(["a sketch of a cat."])[0]
     assert torch.equal(alone.layout.token_ids[0], template)  # no text prompt: the zero-shot prompt itself
     assert "adapt" not in alone.layout.positions
     assert cascaded.layout.shared_positions("boost").tolist() == [1, 2, 3]
-    words = tiny.tokenizer.encode("a sketch of a cat.")
-    assert cascaded.layout.token_ids[0, 4:4 + len(words)].tolist() == words
+    words = tiny.tokenizer.encode("cat") + tiny.tokenizer.encode(".")  # the boosting tokens replace the template words
+    assert cascaded.layout.token_ids[0, 4:5 + len(words)].tolist() == words + [tiny.tokenizer.eot_token_id]
     inserts = cascaded.vision_inserts()  # vision: [CLS, patches, boost(2), vpt(length)]
     assert [i.positions.tolist() for i in inserts] == [[0, 1], list(range(2, 2 + METHOD_CASES["vpt"]["length"]))]
     with torch.no_grad():

@@ -182,8 +182,31 @@ def test_toy_table_smoke_test_writes_a_row_for_every_method(tmp_path):
     labels = [row.split("|")[1].strip() for row in rows[1:]]
     methods = list_methods(BASE)
     expected = [label for m in methods for label in (m, f"{m}+caspl")]
-    assert labels == ["zeroshot teacher", "zeroshot", "linear probe"] + expected
+    assert labels == ["zeroshot teacher", "zeroshot", "zeroshot+caspl", "linear probe"] + expected
     assert all(len(row.split("|")) == 2 + 1 + 6 for row in rows[1:])  # label + (base, novel, HM) x (dataset, average)
-    probe = [cell.strip() for cell in rows[3].split("|")[2:-1]]
+    probe = [cell.strip() for cell in rows[4].split("|")[2:-1]]
     assert probe[0] != "-" and probe[1:3] == ["-", "-"]  # the probe knows the base classes only
     assert (tmp_path / "hm.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
+
+
+def test_toy_table_judges_coops_fit_by_its_last_epoch_and_reports_the_selected_one_too():
+    """The fit check asks whether the prompts can fit the K-shot images by the end of training (their leverage); the
+    epoch that validation selects is reported beside it, not judged."""
+    from studies.toy_table import acceptance, fit_summary
+
+    fits = ((1, 80.0, 86.0), (2, 82.0, 88.0))  # seed, selected epoch's fit, last epoch's fit
+    rows = [{"dataset": "toy_night", "label": "coop", "seed": s, "base": 70.0, "novel": 40.0, "train": selected,
+             "train_last_epoch": last, "zeroshot_train": 65.0} for s, selected, last in fits]
+    rows += [{"dataset": "toy_night", "label": label, "seed": s, "base": b, "novel": n}
+             for label, b, n in (("coop+caspl", 72.0, 55.0),) for s in (1, 2)]
+    fit = fit_summary(rows, ["toy_night"])["toy_night"]
+    assert fit["train_last_epoch"] == 87.0 and fit["train"] == 81.0 and fit["zeroshot_train"] == 65.0
+    assert fit["train_last_epoch_std"] == pytest.approx(2 ** 0.5)
+    table = {"zeroshot": {"average": {"base": 58.0, "novel": 44.0}},
+             "coop": {"average": {"base": 70.0, "novel": 40.0, "hm": 50.9}},
+             "coop+caspl": {"average": {"base": 72.0, "novel": 55.0, "hm": 62.4}}}
+    checks = acceptance(table, ["coop"], rows, ["toy_night"])
+    assert checks["coop fits toy_night train by its last epoch (87.0) >= zeroshot (65.0) + 20"] is True
+    rows[0]["train_last_epoch"] = rows[1]["train_last_epoch"] = 84.0
+    assert acceptance(table, ["coop"], rows, ["toy_night"])[
+        "coop fits toy_night train by its last epoch (84.0) >= zeroshot (65.0) + 20"] is False

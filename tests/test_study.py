@@ -418,17 +418,18 @@ def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_pat
     assert folder_digest(sibling) == sibling_before
 
 
-@pytest.mark.slow(seconds=80)
-def test_study_survives_kill_9_after_a_trial_and_ctrl_c_without_rerunning_finished_trials(tmp_path):
-    """kill -9 right after a trial finished, then Ctrl-C while a trial runs (exit 130, runs KILLED, the Optuna export
-    written): the rerun continues; trials finished before a kill were not run again."""
+@pytest.mark.slow(seconds=100)
+def test_study_on_uri_storage_survives_kill_9_and_ctrl_c_without_rerunning_finished_trials(tmp_path):
+    """On storage given as a URI (as for a cloud bucket): kill -9 right after a trial finished, then Ctrl-C while a
+    trial runs (exit 130, runs KILLED, the Optuna export written): the rerun resumes into the same parent run;
+    trials finished before a kill were not run again. A failure after the parent run reopened ends it FAILED."""
     from mlflow.tracking import MlflowClient
 
     from studies.check_resume_instants import first_match, run_and_signal
 
-    data = tiny_study(tmp_path, **{"search.num_samples": 4})
+    data = tiny_study(tmp_path, **{"search.num_samples": 4, "storage": f"file://{tmp_path}/uri"})
     command = [sys.executable, str(SWEEP), "--config", str(_write(tmp_path, data))]
-    folder, log, env = tmp_path / "runs" / "tiny", tmp_path / "rounds.log", _env(tmp_path)
+    folder, log, env = tmp_path / "uri" / "tiny", tmp_path / "rounds.log", _env(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     first = subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
@@ -454,6 +455,14 @@ def test_study_survives_kill_9_after_a_trial_and_ctrl_c_without_rerunning_finish
     for run in _children(_runs(tmp_path / "mlflow.db")):  # trials finished before the kill were not run again
         if run.info.run_id in end_times:
             assert client.get_run(run.info.run_id).info.end_time == end_times[run.info.run_id]
+    assert (folder / "caspl_study.json").exists()  # the study state lives in the URI storage
+
+    (folder / "tuner.pkl").write_bytes(b"damaged")  # Tune cannot read its own state after the parent run reopened
+    late = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert late.returncode == 1 and "Traceback" in late.stderr
+    runs = _runs(tmp_path / "mlflow.db")
+    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FAILED"]
+    assert {r.info.status for r in _children(runs)} == {"FINISHED"}
 
 
 def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path) -> None:
@@ -799,30 +808,6 @@ def test_files_written_through_the_atomic_filesystem_appear_whole(tmp_path):
     fs.create_dir(str(tmp_path / "dst"))  # as Ray does before it uploads a folder
     pafs.copy_files(str(tmp_path / "src"), str(tmp_path / "dst"), destination_filesystem=fs)
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["a"] and (tmp_path / "dst" / "a").stat().st_size == 1e5
-
-
-@pytest.mark.slow(seconds=67)
-def test_study_on_uri_storage_resumes_into_the_same_parent_run(tmp_path):
-    """Storage given as a URI (as for a cloud bucket) keeps the study state there: a rerun resumes, no new parent."""
-    path = _write(tmp_path, tiny_study(tmp_path, **{"search.num_samples": 2, "storage": f"file://{tmp_path}/uri"}))
-    command = [sys.executable, str(SWEEP), "--config", str(path)]
-    for attempt in ("first", "again"):
-        done = subprocess.run(command, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resuming" in done.stdout
-    study = tmp_path / "uri" / "tiny"
-    assert (study / "caspl_study.json").exists()
-    assert json.loads((study / "summary" / "summary.json").read_text())["status"] == "FINISHED"
-    runs = _runs(tmp_path / "mlflow.db")
-    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
-    assert len(_children(runs)) == 2
-    # a failure after the parent run reopened (here Tune cannot read its own tuner.pkl) ends it FAILED
-    (study / "tuner.pkl").write_bytes(b"damaged")
-    late = subprocess.run(command, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
-    assert late.returncode == 1 and "Traceback" in late.stderr
-    runs = _runs(tmp_path / "mlflow.db")
-    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FAILED"]
-    assert [r.info.status for r in _children(runs)] == ["FINISHED", "FINISHED"]
 
 
 @pytest.mark.slow(seconds=25)

@@ -37,6 +37,15 @@ BASE, BOOST, ZEROSHOT = "base", "boost", "zeroshot"
 KINDS = (BASE, BOOST, ZEROSHOT)
 TOWERS = ("text", "vision", "both")
 
+ANCHORS = ("clip", "boosted")
+
+
+def check_anchor(anchor: str, method: str) -> None:
+    """The frozen model a regularised method pulls toward: plain zero-shot CLIP or CLIP with the boosting prompts."""
+    if anchor not in ANCHORS:
+        raise FieldError("anchor", f"must be one of {list(ANCHORS)}, got {anchor!r}", method)
+
+
 _REGISTRY: dict[str, type["PromptMethod"]] = {}
 
 
@@ -48,9 +57,12 @@ class MethodConfig:
     kind           BASE (a base method, searchable in studies, in the toy table), BOOST or ZEROSHOT
     depth_fields   {field: "text" | "vision" | "both"}: fields that count prompted layers of that tower (1..layers)
     length_fields  fields that count prompt tokens (>= 1)
+    revision       part of every run key: bump it when the method computes something else for the same config
+                   (a token layout, a loss), so that stored runs of the old code are not reused
     """
 
     name: ClassVar[str] = ""
+    revision: ClassVar[int] = 1
     kind: ClassVar[str] = BASE
     depth_fields: ClassVar[dict[str, str]] = {}
     length_fields: ClassVar[tuple[str, ...]] = ()

@@ -2,7 +2,10 @@
 
 L = CE + KL(z_zs ‖ z) (summed, divided by the number of logit entries)
       + w_text · mean|ĝ_t − ĝ_t^zs| + w_image · mean|ĝ_v − ĝ_v^zs|
-with zero-shot text features averaged over a template bank. GPA averages the prompts of every epoch e (1-based)
+with zero-shot text features averaged over a template bank. `anchor` names the frozen model behind the z^zs / ĝ^zs
+terms: "boosted" (the default: under +CasPL the boosted student, CLIP with the frozen boosting prompts; plain CLIP
+without them) or "clip" (the paper's and the reference code's: plain zero-shot CLIP, also under +CasPL). On ToyWorld
+"clip" makes +CasPL lose to PromptSRC alone and "boosted" makes it win (README, docs/reference_differences.md). GPA averages the prompts of every epoch e (1-based)
 with weight N(e; μ, σ) normalised over all epochs; its running sum is training state and survives a resume.
 """
 
@@ -16,18 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from caspl.errors import CheckpointError
-from caspl.methods.base import register_method
+from caspl.methods.base import check_anchor, register_method
 from caspl.methods.ivlp import IVLP, IVLPConfig
 
 
 @dataclass
 class PromptSRCConfig(IVLPConfig):
     name = "promptsrc"
+    revision = 2  # 2: the anchor option
     text_loss_weight: float = 25.0
     image_loss_weight: float = 10.0
     gpa_mean: float = 15.0
     gpa_std: float = 1.0
     templates: list[str] = field(default_factory=list)  # template bank; empty: the dataset's bank
+    anchor: str = "boosted"  # "boosted" | "clip" (the paper's): the frozen model the regularisers pull toward
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_anchor(self.anchor, self.name)
 
 
 @register_method(PromptSRCConfig)
@@ -38,11 +47,12 @@ class PromptSRC(IVLP):
         self.gpa: GaussianPromptAggregator | None = None
 
     def on_classes(self, model) -> None:
-        self.zs_text_features = model.zeroshot_text_features(self.config.templates or model.templates)
+        boosted = self.config.anchor == "boosted"
+        self.zs_text_features = model.zeroshot_text_features(self.config.templates or model.templates, boosted)
 
     def loss(self, out, batch, model):
         cfg = self.config
-        zs_image = model.zeroshot_image_features(batch["images"])
+        zs_image = model.zeroshot_image_features(batch["images"], cfg.anchor == "boosted")
         zs_logits = model.logit_scale() * zs_image @ self.zs_text_features.t()
         ce = F.cross_entropy(out.logits, batch["labels"])
         kl = F.kl_div(F.log_softmax(out.logits, dim=1), F.log_softmax(zs_logits, dim=1),

@@ -2,8 +2,10 @@
 `depth` layers, the text side the hand-written template (no text prompts), cross-entropy loss.
 
 In the cascade the tokens sit after the patches and the boosting tokens (`[CLS, patches…, boost, vpt]`); they get
-no positional embedding, so their place in the sequence does not matter to attention. With "+CasPL" the text is
-`[SOS, boost, template words…, class…, ".", EOS]`. Class text features are image-independent and computed once.
+no positional embedding, so their place in the sequence does not matter to attention. With "+CasPL" the text is the
+boosted student's, `[SOS, boost, class…, ".", EOS]`: the boosting tokens were trained in place of the template words
+(`[SOS, boost, template words…, class…]` scores near plain zero-shot; docs/reference_differences.md). Class text
+features are image-independent and computed once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Sequence
 from torch import nn
 
 from caspl.methods.base import MethodConfig, PromptMethod, register_method
+from caspl.models.cascade import default_text_segments
 from caspl.models.layout import Segment, Slot, template_segments
 from caspl.models.prompts import PromptGroup
 
@@ -21,6 +24,7 @@ from caspl.models.prompts import PromptGroup
 @dataclass
 class VPTConfig(MethodConfig):
     name = "vpt"
+    revision = 2  # 2: +CasPL text is the boosted student's
     depth_fields = {"depth": "vision"}
     length_fields = ("length",)
     length: int = 8
@@ -36,7 +40,9 @@ class VPT(PromptMethod):
         self.vision_length = config.length
 
     def text_segments(self, boost: Slot | None, templates: Sequence[str]) -> list[Segment]:
-        return ([boost] if boost else []) + template_segments(self.config.template or templates[0])
+        if boost is not None:
+            return default_text_segments(0, boost)
+        return template_segments(self.config.template or templates[0])
 
     def vision_layers(self):
         return self.vision.per_layer()

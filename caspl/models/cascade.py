@@ -135,18 +135,38 @@ class PromptedCLIP(nn.Module):
             logits = image_features @ text_features.t()
         return Outputs(self.logit_scale() * logits, image_features, text_features)
 
-    # --- the frozen zero-shot model (no prompts at all) -----------------------------------------------------
+    # --- the frozen model below the adapting method ------------------------------------------------------
+    # boosted=False: the zero-shot CLIP, no prompts at all (what PromptSRC and KgCoOp anchor to in their papers).
+    # boosted=True: CasPL's boosted student, CLIP with the frozen boosting prompts in the layout boosting trained
+    # them in, `[SOS, boost, class, ".", EOS]` (the boosting tokens stand in for the template words; measured in
+    # docs/reference_differences.md); without boosting prompts this is the plain zero-shot CLIP again.
     @torch.no_grad()
-    def zeroshot_image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_image(self.clip, images, (), normalize=True)
+    def zeroshot_image_features(self, images: torch.Tensor, boosted: bool = False) -> torch.Tensor:
+        inserts = self._boost_vision_inserts() if boosted else ()
+        return encode_image(self.clip, images, inserts, normalize=True)
 
     @torch.no_grad()
-    def zeroshot_text_features(self, templates: Sequence[str] | None = None) -> torch.Tensor:
-        """Template-averaged zero-shot class features [C, E] (mean of raw features, then L2-normalised)."""
+    def zeroshot_text_features(self, templates: Sequence[str] | None = None, boosted: bool = False) -> torch.Tensor:
+        """Zero-shot class features [C, E]: the mean of the templates' raw features, L2-normalised; the boosted
+        student's own features (no templates) with `boosted` and boosting prompts."""
+        if boosted and self.boost is not None and self.boost.text_length:
+            return self._boosted_student_text_features()
         templates = list(templates or self.templates)
         token_ids = [self.tokenizer([t.replace("{}", c.replace("_", " ")) for c in self.classnames]) for t in templates]
         features = torch.stack([encode_text(self.clip, ids.to(self.device)) for ids in token_ids])
         return torch.nn.functional.normalize(features.mean(0), dim=-1)
+
+    def _boost_vision_inserts(self) -> list[Insert]:
+        if self.boost is None or not self.boost.vision_length:
+            return []
+        positions = torch.arange(self.boost.vision_length, device=self.device)
+        return [Insert(positions, self.boost.vision_layers())]
+
+    def _boosted_student_text_features(self) -> torch.Tensor:
+        segments = default_text_segments(0, Slot(BOOST, self.boost.text_length))
+        layout = build_text_layout(self.tokenizer, self.classnames, segments, self.context_length)
+        insert = Insert(layout.shared_positions(BOOST).to(self.device), self.boost.text_layers())
+        return encode_text(self.clip, layout.token_ids.to(self.device), [insert], normalize=True)
 
     # --- prompt-only state ----------------------------------------------------------------------------------
     def prompt_parameters(self, trainable_only: bool = True) -> list[nn.Parameter]:

@@ -232,7 +232,7 @@ def run_key(cfg: AdaptRunConfig, seed: int, student: LoadedCLIP, boost_prompts: 
     classes count too: a study's pseudo-novel task is a different dataset with the same data config."""
     boost_id = json.loads((boost_prompts / "MANIFEST.json").read_text())["files"] if boost_prompts else None
     return content_key(RUN_KIND, student.identity, to_dict(cfg.data), dataset.name, dataset.classnames,
-                       cfg.method.to_config(), boost_id, cfg.shots,
+                       cfg.method.to_config(), cfg.method.revision, boost_id, cfg.shots,
                        cfg.val_k, seed, cfg.subsample, cfg.augment, list(cfg.crop_scale), cfg.select,
                        to_dict(cfg.optim), cfg.runtime.precision)
 
