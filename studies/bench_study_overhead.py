@@ -58,8 +58,9 @@ def study_data(args, slots: int | None, scale: int, work: Path) -> dict:
     from caspl.config import load_yaml
 
     data = load_yaml(args.config)
-    if args.smoke_test:
+    if args.smoke_test:  # the code path only: one trial of one method (the smoke study has two of each)
         data = smoke_overrides(data)
+        data["search"]["num_samples"], data["methods"] = 1, data["methods"][:1]
     if slots is not None:
         data["search"]["max_concurrent"] = slots
     if scale != 1:

@@ -181,10 +181,11 @@ def train_accuracy(cfg, seed: int, student) -> tuple[float, float, float]:
 
     outcome = run_adapt(cfg, seed, ArtifactStore(cfg.runtime.store), student=student, log=lambda line: None)
     spec = model_view_spec(student.model)
-    selected = accuracy(outcome.model, outcome.train.train, spec)
-    last = torch.load(Path(outcome.folder) / STATE_FILE, map_location="cpu", weights_only=True)["prompts"]
-    load_adapt_state(outcome.model, last)
-    last_epoch = accuracy(outcome.model, outcome.train.train, spec)
+    selected = last_epoch = accuracy(outcome.model, outcome.train.train, spec)
+    if outcome.folder is not None:  # a trained run (zero-shot trains nothing and keeps no folder)
+        last = torch.load(Path(outcome.folder) / STATE_FILE, map_location="cpu", weights_only=True)["prompts"]
+        load_adapt_state(outcome.model, last)
+        last_epoch = accuracy(outcome.model, outcome.train.train, spec)
     zeroshot = build_prompted_clip(student.model, student.tokenizer, {"method": ZEROSHOT})
     zeroshot.set_classes(outcome.train.classnames, outcome.train.templates)
     return selected, last_epoch, accuracy(zeroshot, outcome.train.train, spec)

@@ -5,8 +5,10 @@ L = CE + KL(z_zs ‖ z) (summed, divided by the number of logit entries)
 with zero-shot text features averaged over a template bank. `anchor` names the frozen model behind the z^zs / ĝ^zs
 terms: "boosted" (the default: under +CasPL the boosted student, CLIP with the frozen boosting prompts; plain CLIP
 without them) or "clip" (the paper's and the reference code's: plain zero-shot CLIP, also under +CasPL). On ToyWorld
-"clip" makes +CasPL lose to PromptSRC alone and "boosted" makes it win (README, docs/reference_differences.md). GPA averages the prompts of every epoch e (1-based)
-with weight N(e; μ, σ) normalised over all epochs; its running sum is training state and survives a resume.
+"clip" makes +CasPL lose to PromptSRC alone and "boosted" makes it win (README, docs/reference_differences.md).
+
+GPA averages the prompts of every epoch e (1-based) with weight N(e; μ, σ) normalised over all epochs; its running
+sum is training state and survives a resume.
 """
 
 from __future__ import annotations
