@@ -31,7 +31,7 @@ from torch import nn
 from caspl.config import build_dataclass, to_dict
 from caspl.errors import ConfigError, FieldError
 from caspl.models.cascade import Outputs, PromptedCLIP, default_text_segments
-from caspl.models.layout import Segment, Slot, Words
+from caspl.models.layout import Segment, Slot, Words, template_segments
 
 BASE, BOOST, ZEROSHOT = "base", "boost", "zeroshot"
 KINDS = (BASE, BOOST, ZEROSHOT)
@@ -44,6 +44,12 @@ def check_anchor(anchor: str, method: str) -> None:
     """The frozen model a regularised method pulls toward: plain zero-shot CLIP or CLIP with the boosting prompts."""
     if anchor not in ANCHORS:
         raise FieldError("anchor", f"must be one of {list(ANCHORS)}, got {anchor!r}", method)
+
+
+def fixed_text_segments(boost: Slot | None, template: str) -> list[Segment]:
+    """The text of a method without text tokens (zero-shot, VPT): the template alone; over boosting prompts, the
+    boosted student's `[boost, class, "."]`, the layout boosting trained its tokens in, in place of the template."""
+    return default_text_segments(0, boost) if boost is not None else template_segments(template)
 
 
 _REGISTRY: dict[str, type["PromptMethod"]] = {}

@@ -15,9 +15,8 @@ from typing import Sequence
 
 from torch import nn
 
-from caspl.methods.base import MethodConfig, PromptMethod, register_method
-from caspl.models.cascade import default_text_segments
-from caspl.models.layout import Segment, Slot, template_segments
+from caspl.methods.base import MethodConfig, PromptMethod, fixed_text_segments, register_method
+from caspl.models.layout import Segment, Slot
 from caspl.models.prompts import PromptGroup
 
 
@@ -40,9 +39,7 @@ class VPT(PromptMethod):
         self.vision_length = config.length
 
     def text_segments(self, boost: Slot | None, templates: Sequence[str]) -> list[Segment]:
-        if boost is not None:
-            return default_text_segments(0, boost)
-        return template_segments(self.config.template or templates[0])
+        return fixed_text_segments(boost, self.config.template or templates[0])
 
     def vision_layers(self):
         return self.vision.per_layer()

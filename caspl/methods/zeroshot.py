@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from caspl.methods.base import ZEROSHOT, MethodConfig, PromptMethod, register_method
-from caspl.models.cascade import default_text_segments
-from caspl.models.layout import Segment, Slot, template_segments
+from caspl.methods.base import ZEROSHOT, MethodConfig, PromptMethod, fixed_text_segments, register_method
+from caspl.models.layout import Segment, Slot
 
 
 @dataclass
@@ -22,6 +21,4 @@ class ZeroShotConfig(MethodConfig):
 @register_method(ZeroShotConfig)
 class ZeroShot(PromptMethod):
     def text_segments(self, boost: Slot | None, templates: Sequence[str]) -> list[Segment]:
-        if boost is not None:
-            return default_text_segments(0, boost)
-        return template_segments(self.config.template or templates[0])
+        return fixed_text_segments(boost, self.config.template or templates[0])

@@ -88,9 +88,9 @@ class PromptedCLIP(nn.Module):
         return self.clip.logit_scale.exp()
 
     # --- towers ---------------------------------------------------------------------------------------------
-    def vision_inserts(self) -> list[Insert]:
+    def vision_inserts(self, boost_only: bool = False) -> list[Insert]:
         inserts, offset = [], 0
-        for source in (self.boost, self.adapt):  # vision order: boost, then adapt
+        for source in (self.boost,) if boost_only else (self.boost, self.adapt):  # vision order: boost, then adapt
             if source is not None and source.vision_length:
                 positions = torch.arange(offset, offset + source.vision_length, device=self.device)
                 inserts.append(Insert(positions, source.vision_layers()))
@@ -142,8 +142,7 @@ class PromptedCLIP(nn.Module):
     # docs/reference_differences.md); without boosting prompts this is the plain zero-shot CLIP again.
     @torch.no_grad()
     def zeroshot_image_features(self, images: torch.Tensor, boosted: bool = False) -> torch.Tensor:
-        inserts = self._boost_vision_inserts() if boosted else ()
-        return encode_image(self.clip, images, inserts, normalize=True)
+        return encode_image(self.clip, images, self.vision_inserts(boost_only=True) if boosted else (), normalize=True)
 
     @torch.no_grad()
     def zeroshot_text_features(self, templates: Sequence[str] | None = None, boosted: bool = False) -> torch.Tensor:
@@ -156,16 +155,13 @@ class PromptedCLIP(nn.Module):
         features = torch.stack([encode_text(self.clip, ids.to(self.device)) for ids in token_ids])
         return torch.nn.functional.normalize(features.mean(0), dim=-1)
 
-    def _boost_vision_inserts(self) -> list[Insert]:
-        if self.boost is None or not self.boost.vision_length:
-            return []
-        positions = torch.arange(self.boost.vision_length, device=self.device)
-        return [Insert(positions, self.boost.vision_layers())]
-
     def _boosted_student_text_features(self) -> torch.Tensor:
         segments = default_text_segments(0, Slot(BOOST, self.boost.text_length))
         layout = build_text_layout(self.tokenizer, self.classnames, segments, self.context_length)
-        insert = Insert(layout.shared_positions(BOOST).to(self.device), self.boost.text_layers())
+        # `[SOS, boost…]` puts the slot at 1..n for every class; built directly, without layout.shared_positions'
+        # data-dependent check, so that it also runs on the meta device (the study's pre-Ray checks)
+        positions = torch.arange(1, 1 + self.boost.text_length, device=self.device)
+        insert = Insert(positions, self.boost.text_layers())
         return encode_text(self.clip, layout.token_ids.to(self.device), [insert], normalize=True)
 
     # --- prompt-only state ----------------------------------------------------------------------------------
