@@ -398,8 +398,9 @@ def plot(table: dict, datasets: list[str], path: Path) -> None:
         ax.set_xticks(list(xs), methods, rotation=45)
         ax.set_title(column)
     axes[0][0].set_ylabel("HM (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the legend above the panels
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
