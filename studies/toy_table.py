@@ -170,21 +170,18 @@ def train_accuracy(cfg, seed: int, student) -> tuple[float, float, float]:
     last epoch's prompts (what training fits by its end: the method's leverage, whatever early stopping picks) and of
     the zero-shot student. The run is the one base_to_novel just finished; run_adapt reloads it from the artefact
     store (no training), its last epoch's prompts come from the run's training checkpoint."""
-    import torch
-
     from caspl.artifacts import ArtifactStore
     from caspl.data.views import model_view_spec
     from caspl.methods import build_prompted_clip
     from caspl.train.adapt import load_adapt_state, run_adapt
-    from caspl.train.checkpoint import STATE_FILE
+    from caspl.train.checkpoint import read_training_state
     from caspl.train.evaluate import accuracy
 
     outcome = run_adapt(cfg, seed, ArtifactStore(cfg.runtime.store), student=student, log=lambda line: None)
     spec = model_view_spec(student.model)
     selected = last_epoch = accuracy(outcome.model, outcome.train.train, spec)
     if outcome.folder is not None:  # a trained run (zero-shot trains nothing and keeps no folder)
-        last = torch.load(Path(outcome.folder) / STATE_FILE, map_location="cpu", weights_only=True)["prompts"]
-        load_adapt_state(outcome.model, last)
+        load_adapt_state(outcome.model, read_training_state(outcome.folder)["prompts"])
         last_epoch = accuracy(outcome.model, outcome.train.train, spec)
     zeroshot = build_prompted_clip(student.model, student.tokenizer, {"method": ZEROSHOT})
     zeroshot.set_classes(outcome.train.classnames, outcome.train.templates)

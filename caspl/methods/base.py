@@ -63,8 +63,8 @@ class MethodConfig:
     kind           BASE (a base method, searchable in studies, in the toy table), BOOST or ZEROSHOT
     depth_fields   {field: "text" | "vision" | "both"}: fields that count prompted layers of that tower (1..layers)
     length_fields  fields that count prompt tokens (>= 1)
-    revision       part of every run key: bump it when the method computes something else for the same config
-                   (a token layout, a loss), so that stored runs of the old code are not reused
+    revision       part of every adapting run's key: bump it when the method computes something else for the
+                   same config (a token layout, a loss), so that stored runs of the old code are not reused
     """
 
     name: ClassVar[str] = ""

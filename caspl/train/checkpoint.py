@@ -27,15 +27,22 @@ def save_training_state(folder: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_training_state(folder: str | Path) -> dict[str, Any] | None:
-    """The saved state in `folder`, or None when there is none; a damaged file is an error, not a fresh start."""
+def read_training_state(folder: str | Path) -> dict[str, Any] | None:
+    """The saved state in `folder` (its RNG state under "torch_rng", not applied), or None when there is none; a
+    damaged file is an error, not a fresh start."""
     path = Path(folder) / STATE_FILE
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"training checkpoint {path} is unreadable ({exc}); delete it to restart the run") \
             from exc
-    torch.set_rng_state(state.pop("torch_rng"))
+
+
+def load_training_state(folder: str | Path) -> dict[str, Any] | None:
+    """`read_training_state` for a resume: the process's torch RNG state is set to the saved one."""
+    state = read_training_state(folder)
+    if state is not None:
+        torch.set_rng_state(state.pop("torch_rng"))
     return state
