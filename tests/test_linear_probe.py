@@ -65,7 +65,7 @@ def test_bad_input_is_a_config_error():
 
 
 def test_probe_on_frozen_features_of_a_toyworld_dataset_beats_chance(tiny):
-    """Random-weight tiny CLIP features still carry colour: a probe on toy_night's base classes (colour and size)
+    """Random-weight tiny CLIP features still carry colour: a probe on toy_night's base classes (colour and texture)
     beats chance."""
     dataset = build_dataset("toy_night", None, n_train=16, n_val=4, n_test=8)
     result = base_linear_probe(tiny, dataset, shots=8, seed=1)

@@ -111,6 +111,23 @@ def test_smoke_source_is_the_same_recipe_at_a_tenth_of_the_steps_under_its_own_k
                                  / tp.WEIGHTS_FILE)
 
 
+
+def test_redefining_an_evaluation_dataset_changes_the_key(monkeypatch):
+    """info.json reports zero-shot accuracy on the recipe's evaluation datasets: a dataset given other classes must
+    not be reported with the numbers measured on its old definition."""
+    from dataclasses import replace
+
+    from caspl.data.toyworld.datasets import TOY_DATASETS
+
+    recipe = tp.RECIPES[tp.STUDENT]
+    faded_only = replace(recipe, eval_datasets=("toy_faded",))
+    before = tp.model_key(tp.STUDENT, recipe), tp.model_key(tp.STUDENT, faded_only)
+    redefined = replace(TOY_DATASETS["toy_night"], template="a night photo of a {}.")
+    monkeypatch.setitem(TOY_DATASETS, "toy_night", redefined)
+    assert tp.model_key(tp.STUDENT, recipe) != before[0]
+    assert tp.model_key(tp.STUDENT, faded_only) == before[1]  # a recipe that does not evaluate it keeps its key
+
+
 EVAL_RECIPES = {name: tp.Recipe(**{**recipe.__dict__, "eval_datasets": ("toy_sketch",)})
                 for name, recipe in TINY_RECIPES.items()}
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from caspl.artifacts import ArtifactStore, atomic_write_text, content_key
+from caspl.data.toyworld.datasets import TOY_DATASETS
 from caspl.data.toyworld.render import DOMAINS, GENERATOR_VERSION
 from caspl.data.toyworld.stream import pretraining_stream
 from caspl.errors import ConfigError
@@ -108,8 +109,11 @@ SOURCES = {"toyworld": RECIPES, "toyworld-smoke": SMOKE_RECIPES}  # weight sourc
 
 # ------------------------------------------------------------------------------------------------------- public
 def model_key(name: str, recipe: Recipe) -> str:
-    """The content key of `name` pretrained by `recipe`."""
-    return content_key(KIND, PRETRAIN_VERSION, GENERATOR_VERSION, name, architecture_config(name), asdict(recipe))
+    """The content key of `name` pretrained by `recipe`. info.json holds zero-shot results on the recipe's evaluation
+    datasets, so their definitions are part of the key: a redefined dataset is never reported with stale numbers."""
+    evaluated_on = {ds: asdict(TOY_DATASETS[ds]) for ds in recipe.eval_datasets}
+    return content_key(KIND, PRETRAIN_VERSION, GENERATOR_VERSION, name, architecture_config(name), asdict(recipe),
+                       evaluated_on)
 
 
 def resolve_weights(spec: ModelSpec) -> Path:

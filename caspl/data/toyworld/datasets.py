@@ -128,8 +128,9 @@ TOY_DATASETS: dict[str, ToySpec] = {
         ),
         ToySpec(
             "toy_night", "ToyNight",
-            factors=(("color", COLOR_NAMES), ("size", ("small", "large"))),
+            factors=(("color", COLOR_NAMES), ("texture", ("solid", "checkered"))),
             domains=("dark",),
+            nuisance=(("size", ("large",)),),
             novel_by="color",
             noun="shape",
             template="a dark photo of a {}.",
