@@ -10,6 +10,11 @@ built before the clock starts). For a run with c = search.max_concurrent trial s
     fraction        = used / available                    (target >= 0.85)
     trials_per_hour = finished trials / wall hours
     peak_rss_mb     = the largest peak resident memory a trial process reported (student, cached logits, images)
+    phase_seconds   = where the wall time went: checks, Ray start, models, teacher cache, parent run, Tune, summary,
+                      Ray shutdown (the study's own timings)
+    driver_cpu_seconds, machine_cpu_seconds = CPU spent by the driver process, and by the whole machine (Linux)
+                      during the run: the part that is not trial compute competes with the trials once slots fill
+                      the cores
 
     python studies/bench_study_overhead.py                          # the default study, 2 slots
     python studies/bench_study_overhead.py --slots 1 2              # scaling: 2 slots against 1 (target >= 1.8x)
@@ -79,12 +84,29 @@ def _default_n_train() -> int:
 
 
 def run_local(data: dict) -> tuple[dict, float]:
+    import resource
+
     from caspl.study.config import load_study_config
     from caspl.study.runner import run_study
 
-    began = time.time()
+    began, machine, driver = time.time(), machine_cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
     summary = run_study(load_study_config(data), REPO, fresh=True, log=lambda line: print(line, file=sys.stderr))
-    return summary, time.time() - began  # wall includes Ray start-up and everything before the first trial
+    wall = time.time() - began  # wall includes Ray start-up and everything before the first trial
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    summary["driver_cpu_seconds"] = round(after.ru_utime + after.ru_stime - driver.ru_utime - driver.ru_stime, 1)
+    if machine is not None:  # every process on the machine: trials, driver, Ray's own (raylet, GCS), anything else
+        summary["machine_cpu_seconds"] = round(machine_cpu_seconds() - machine, 1)
+    return summary, wall
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds spent by the whole machine since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    busy = sum(int(v) for i, v in enumerate(fields) if i not in (3, 4))  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def run_two_node(data: dict, work: Path) -> tuple[dict, float]:
@@ -123,7 +145,9 @@ def row(label: str, summary: dict, wall: float, data: dict) -> dict:
             "teacher_cache_seconds": summary["teacher_cache_seconds"],
             "compute_fraction": round(used / (slots * wall), 3),
             "trials_per_hour": round(summary["finished"] / wall * 3600, 1), "peak_rss_mb": round(peak_rss(data), 1),
-            "train_images_per_class": data["data"].get("options", {}).get("n_train", _default_n_train())}
+            "train_images_per_class": data["data"].get("options", {}).get("n_train", _default_n_train()),
+            "phase_seconds": summary.get("phase_seconds", {}),
+            **{key: summary[key] for key in ("driver_cpu_seconds", "machine_cpu_seconds") if key in summary}}
 
 
 def main(argv=None) -> int:

@@ -143,6 +143,7 @@ def test_dashboard_command_opens_the_study_storage_or_says_what_is_missing(tmp_p
 def test_summary_lines_end_on_the_runs_view():
     summary = {"status": "FINISHED", "message": "all 2 trials finished", "finished": 2, "errored": 0,
                "expected_trials": 2, "wall_seconds": 50.0, "model_build_seconds": 3.0, "teacher_cache_seconds": 9.0,
+               "phase_seconds": {"checks": 1.04, "ray_start": 4.5, "tune": 30.0, "ray_shutdown": 2.0},
                "summary_dir": "/s/summary", "optuna_storage": "sqlite:////s/optuna.db", "study": "s",
                "dashboard_command": "optuna-dashboard sqlite:////s/optuna.db", "importances": {"boost.depth": 0.7},
                "mlflow_ui_command": "mlflow ui", "runs_url": runs_view_url("sqlite:////m.db", "7"),
@@ -152,8 +153,9 @@ def test_summary_lines_end_on_the_runs_view():
                         "params": {"method": "coop"}, "runs": [{"run_name": "coop+caspl d=1", "run_id": "r1"}]}}
     lines = summary_lines(summary)
     assert lines[-1] == "[study] MLflow runs: http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
-    assert "coop+caspl d=1  run r1" in lines[1] and "teacher cache 9 s" in lines[0]
-    assert "best on the objective, pseudo_novel (20.00)" in lines[1]
+    assert "coop+caspl d=1  run r1" in lines[2] and "teacher cache 9 s" in lines[0]
+    assert "best on the objective, pseudo_novel (20.00)" in lines[2]
+    assert lines[1] == "[study] time by phase: checks 1.0 s, Ray start 4.5 s, Tune (trials) 30.0 s, Ray shutdown 2.0 s"
     assert "[study] Spearman(pseudo_hm, test HM) over finished trials: 0.80" in lines
     assert runs_view_url("http://mlflow.example:5000/", "3") == \
         "http://mlflow.example:5000/#/experiments/3/runs?workflowType=machine_learning"

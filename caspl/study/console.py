@@ -105,12 +105,20 @@ def runs_view_url(tracking_uri: str, experiment_id: str, ui: str = "http://127.0
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+PHASE_NAMES = {"checks": "checks", "ray_start": "Ray start", "models": "models", "teacher_cache": "teacher cache",
+               "open_parent_run": "parent run", "tune": "Tune (trials)", "report": "summary",
+               "ray_shutdown": "Ray shutdown"}
+
+
 def summary_lines(summary: dict) -> list[str]:
     """The final summary, each line starting `[study]`; the runs-view URL is the last line."""
     lines = [f"[study] {summary['status']}: {summary['message']} ({summary['finished']} finished, "
              f"{summary['errored']} errored, {summary['expected_trials']} configured) in "
              f"{summary['wall_seconds']:.0f} s (models {summary.get('model_build_seconds', 0):.0f} s, teacher cache "
              f"{summary['teacher_cache_seconds']:.0f} s)"]
+    if summary.get("phase_seconds"):
+        lines.append("[study] time by phase: " + ", ".join(
+            f"{PHASE_NAMES.get(name, name)} {seconds:.1f} s" for name, seconds in summary["phase_seconds"].items()))
     best = summary.get("best")
     if best:
         run = (best.get("runs") or [{}])[0]

@@ -171,6 +171,7 @@ def summarise(prepared, rows: list[dict], parent_run_id: str, seconds: float, ve
                "wall_seconds": round(seconds, 1), "experiment_dir": prepared.experiment_dir,
                "model_build_seconds": round(prepared.model_build_seconds, 1),
                "teacher_cache_seconds": round(prepared.teacher_cache_seconds, 1),
+               "phase_seconds": {name: round(value, 1) for name, value in prepared.phase_seconds.items()},
                "max_concurrent": prepared.study.search.max_concurrent,
                "trial_compute_seconds": round(sum(float(r["metrics"].get("compute_seconds", 0)) for r in rows), 1),
                "tracking_uri": tracking.tracking_uri, "parent_run_id": parent_run_id,

@@ -25,9 +25,10 @@ import os
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from caspl import __version__
 from caspl.artifacts import ArtifactStore
@@ -64,6 +65,7 @@ class PreparedStudy:
     run_tags: dict = field(default_factory=dict)  # lineage tags of every run: git commit, branch, dirty, source, user
     datasets: list = field(default_factory=list)  # what the runs read (`lineage.dataset_specs`), logged as inputs
     ui_command: str = ""  # how to open the MLflow UI on this study's tracking store
+    phase_seconds: dict = field(default_factory=dict)  # where the wall time went, phase by phase (summary.json)
 
     @property
     def experiment_dir(self) -> str:
@@ -140,31 +142,47 @@ def run_study(study: StudyConfig, repo_root: Path, *, fresh: bool = False, log: 
 
     from caspl.ray_env import ensure_ray
 
+    began = time.time()
     prepared = prepare_study(study, repo_root, log, fresh=fresh)
     if fresh or prepared.state.get("deleting"):
         if prepared.folder.remove():
             log(f"[study] --fresh: removed {prepared.folder.path}")
         prepared.state = {}
+    phases = prepared.phase_seconds
+    phases["checks"] = time.time() - began
     local = _local_ray(study)
     ours = not ray.is_initialized()  # a Ray this call starts (or joins from $RAY_ADDRESS) is shut down at the end
-    ensure_ray(num_cpus=study.resources.ray_num_cpus)
+    with _phase(phases, "ray_start"):
+        ensure_ray(num_cpus=study.resources.ray_num_cpus)
     if not local:
         _log_cluster(log)
     with signals.handled() as interrupts:
         started = time.time()
         _warm_shared_artifacts(prepared, log)
-        prepared.datasets = _dataset_specs(study)
-        parent = _open_study(prepared)
+        with _phase(phases, "open_parent_run"):
+            prepared.datasets = _dataset_specs(study)
+            parent = _open_study(prepared)
         try:
             summary = _run(prepared, parent, interrupts, started, log)
         except BaseException as exc:
             close_open_runs(prepared.tracking, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
     if ours:
-        ray.shutdown()  # Ray's log monitor forwards workers' lines until then: the summary must come after them
+        with _phase(phases, "ray_shutdown"):
+            ray.shutdown()  # Ray's log monitor forwards workers' lines until then: the summary must come after them
+    summary["phase_seconds"] = {name: round(seconds, 1) for name, seconds in phases.items()}
     for line in summary_lines(summary):
         log(line)
     return summary
+
+
+@contextmanager
+def _phase(phases: dict, name: str) -> Iterator[None]:
+    began = time.time()
+    try:
+        yield
+    finally:
+        phases[name] = time.time() - began
 
 
 def _dataset_specs(study: StudyConfig) -> list[dict]:
@@ -209,11 +227,13 @@ def _log_study_config(prepared: PreparedStudy, parent: str) -> None:
 
 def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, started: float, log: Log) -> dict:
     study = prepared.study
-    tuner = _tuner(prepared, parent, log)
-    try:
-        results = tuner.fit()
-    finally:
-        interrupts.rearm()  # Tune leaves its own SIGINT handler behind
+    with _phase(prepared.phase_seconds, "tune"):
+        tuner = _tuner(prepared, parent, log)
+        try:
+            results = tuner.fit()
+        finally:
+            interrupts.rearm()  # Tune leaves its own SIGINT handler behind
+    began = time.time()
     rows = trial_rows(results)
     verdict = _verdict(study, rows, interrupts.signum)
     finish_reported_trials(prepared.tracking, results)
@@ -222,6 +242,7 @@ def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, s
         log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")
     summary = summarise(prepared, rows, parent, time.time() - started, verdict, log)
     client(prepared.tracking).set_terminated(parent, verdict["status"])
+    prepared.phase_seconds["report"] = time.time() - began  # settling the runs, writing and logging the summary
     return summary
 
 
@@ -326,7 +347,7 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     began = time.time()
     for model in (study.student, study.teacher):  # weights built on first use (ToyWorld): here, not in a trial
         load_clip(model.spec(study.runtime))
-    prepared.model_build_seconds = time.time() - began
+    prepared.model_build_seconds = prepared.phase_seconds["models"] = time.time() - began
     began = time.time()
     if any(name.startswith("boost.cache.") for name in prepared.space.params):
         log("[study] the teacher cache itself is searched: each cache variant is built by the first trial needing it")
@@ -336,7 +357,7 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
         _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
         log(f"[study] teacher cache for {data.dataset} {report.key}: {report.computed} images computed, "
             f"{report.reused} reused, {len(report.skipped)} skipped -> {report.folder}")
-    prepared.teacher_cache_seconds = time.time() - began
+    prepared.teacher_cache_seconds = prepared.phase_seconds["teacher_cache"] = time.time() - began
 
 
 def _study_tags(study: StudyConfig, folder: StudyFolder) -> dict:
