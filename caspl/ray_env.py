@@ -14,7 +14,8 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # configure_logging=False: no colour-coded "Connected to Ray cluster" line; the study logs the cluster itself
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
         return
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
              log_to_driver=True, configure_logging=False)

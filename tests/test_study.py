@@ -506,8 +506,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow(seconds=50)
-def test_ray_job_submit_runs_the_smoke_study_on_a_running_head(tmp_path):
+@pytest.mark.slow(seconds=90)
+def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running_head(tmp_path):
+    """`ray_jobs/submit.py -- --smoke-test` on a running head: the embedded default's smoke test (ToyWorld models,
+    built on first use; MLflow via mlflow.env and the environment) logs one parent and its trials, the runs explain
+    themselves, the Optuna storage holds what Tune finished, and the job's console ends on the summary."""
     env = _env(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dashboard = _free_port(), _free_port()
@@ -526,25 +529,15 @@ def test_ray_job_submit_runs_the_smoke_study_on_a_running_head(tmp_path):
              "--storage", str(tmp_path / "runs"), "--", "--smoke-test", "--name", "submitted"],
             capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in (submit.stdout + submit.stderr).lower()
     finally:
         _stop_head(temp_dir)
+    lines = submit.stdout.splitlines()
+    assert re.fullmatch(r"Job \S+ succeeded", lines[-1]), lines[-5:]
+    console = "\n".join(lines[1:-1])  # the job's own output, between submit.py's "submitted" and "succeeded" lines
+
     runs = _runs(tmp_path / "mlflow.db", "caspl")  # mlflow.env's experiment, the tracking URI from the environment
-    assert [r.data.tags["caspl.study"] for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["submitted"]
-    assert len(_children(runs)) == 2 and all("test_hm" in r.data.metrics for r in _children(runs))
-
-
-@pytest.mark.slow(seconds=74)
-def test_smoke_test_of_the_embedded_default_logs_one_parent_and_its_trials(tmp_path):
-    """`boost_sweep.py --smoke-test` on the shipped default (ToyWorld models, built on first use), MLflow via env:
-    the runs explain themselves, the Optuna storage holds what Tune finished, and the console ends on the summary."""
-    done = subprocess.run([sys.executable, str(SWEEP), "--smoke-test", "--storage", str(tmp_path / "runs")],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
-                          timeout=900, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:]
-    runs = _runs(tmp_path / "mlflow.db", "caspl")  # the experiment named in mlflow.env
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].data.tags["caspl.study"] == "toy_default-smoke"
+    assert len(parents) == 1 and parents[0].data.tags["caspl.study"] == "submitted"
     parent = parents[0]
     assert parent.info.status == "FINISHED" and "best_test_hm" in parent.data.metrics
     children = _children(runs)
@@ -552,14 +545,18 @@ def test_smoke_test_of_the_embedded_default_logs_one_parent_and_its_trials(tmp_p
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"val_hm", "test_hm", "adapt/loss", "adapt/val_acc", "boost/kd_loss"} <= set(child.data.metrics)
-    study_folder = tmp_path / "runs" / "toy_default-smoke"
+    study_folder = tmp_path / "runs" / "submitted"
     _assert_runs_explain_themselves(runs, parent, children)
     _assert_optuna_holds_what_tune_finished(study_folder, children)
     assert all(len(list(trial.glob("checkpoint_*"))) <= 2 for trial in study_folder.iterdir() if trial.is_dir()
                and (trial / "params.json").exists())  # CheckpointConfig(num_to_keep=2), not one per report
     summary = json.loads((study_folder / "summary" / "summary.json").read_text())
     assert {"teacher_cache_seconds", "model_build_seconds"} <= set(summary)
-    _assert_console_ends_on_the_summary(done.stdout, parent.info.experiment_id)
+    assert set(summary["phase_seconds"]) == {"checks", "ray_start", "models", "teacher_cache", "open_parent_run",
+                                             "tune"}  # report and ray_shutdown end after summary.json is written
+    assert sum(summary["phase_seconds"].values()) <= summary["wall_seconds"] + summary["phase_seconds"]["checks"] \
+        + summary["phase_seconds"]["ray_start"] + 1
+    _assert_console_ends_on_the_summary(console, parent.info.experiment_id)
 
 
 def _assert_runs_explain_themselves(runs, parent, children) -> None:
