@@ -20,6 +20,7 @@ built before the clock starts). For a run with c = search.max_concurrent trial s
     python studies/bench_study_overhead.py --slots 1 2              # scaling: 2 slots against 1 (target >= 1.8x)
     python studies/bench_study_overhead.py --image-scale 1 4        # peak trial memory at 1x and 4x the images
     python studies/bench_study_overhead.py --two-node               # also on a 2-node local cluster, 1 CPU each
+    python studies/bench_study_overhead.py --slots 0 --side-by-side 3   # are two CoOp runs side by side slower?
     python studies/bench_study_overhead.py --smoke-test
 
 Runs go one after the other (same seeds and trial count). The last line of stdout is JSON: every run and the ratios.
@@ -32,6 +33,7 @@ import copy
 import inspect
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,9 +54,12 @@ from studies.boost_sweep import DEFAULT_CONFIG, smoke_overrides  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--slots", type=int, nargs="+", default=None, help="max_concurrent values (default: config)")
+    parser.add_argument("--slots", type=int, nargs="+", default=None,
+                        help="max_concurrent values (default: config; 0 alone: no study, e.g. with --side-by-side)")
     parser.add_argument("--image-scale", type=int, nargs="+", default=[1], help="ToyWorld training images x k")
     parser.add_argument("--two-node", action="store_true", help="also run on a 2-node local cluster, 1 CPU each")
+    parser.add_argument("--side-by-side", type=int, default=0, metavar="REPEATS",
+                        help="also time one CoOp adapting run alone and two at once, in plain processes (no Ray)")
     parser.add_argument("--smoke-test", action="store_true")
     return parser.parse_args(argv)
 
@@ -155,20 +160,64 @@ def main(argv=None) -> int:
     _prebuild_models(args)
     rows = []
     for scale in args.image_scale:
-        for slots in args.slots or [None]:
+        for slots in [c for c in args.slots if c > 0] if args.slots else [None]:  # --slots 0: no study
             work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
             data = study_data(args, slots, scale, work)
             summary, wall = run_local(copy.deepcopy(data))
             rows.append(row(f"local slots={summary['max_concurrent']} images x{scale}", summary, wall, data))
             print(json.dumps(rows[-1]), file=sys.stderr)
+    side = side_by_side(args, study_data(args, None, 1, Path(tempfile.mkdtemp(prefix="caspl-bench-study-")))) \
+        if args.side_by_side else None
     if args.two_node:
         _stop_local_ray()
         work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
         data = study_data(args, 2, 1, work)
         summary, wall = run_two_node(data, work)
         rows.append(row("two nodes x 1 CPU, slots=2", summary, wall, data))
-    print(json.dumps({"runs": rows, "ratios": ratios(rows)}))
+    print(json.dumps({"runs": rows, "ratios": ratios(rows), **({"side_by_side": side} if side else {})}))
     return 0 if all(r["errored"] == 0 for r in rows) else 1
+
+
+def side_by_side(args, study: dict) -> dict:
+    """Are two CPU-bound trials side by side slower by themselves? `caspl adapt` of CoOp alone (the toy config on the
+    study's dataset and student, no boosting) timed alone and two at once, each process with its own fresh store (the
+    ToyWorld models linked in), rounds interleaved."""
+    from caspl.artifacts import ArtifactStore
+    from caspl.config import load_yaml
+
+    data = load_yaml(REPO / "studies" / "configs" / "adapt" / "coop_toy.yaml")
+    data.pop("boost")
+    data.update(student=study["student"], seeds=[1], data={**data["data"], **study["data"]})
+    if args.smoke_test:  # else the toy config's own budget: 200 epochs, about 20 s of compute per run here
+        data.update(shots=study["adapt"]["shots"], optim={**data["optim"], **study["adapt"]["optim"]})
+    config = Path(tempfile.mkdtemp(prefix="caspl-bench-side-")) / "coop.yaml"
+    config.write_text(yaml.safe_dump(data))
+    models = ArtifactStore().root / "toyworld_models"
+
+    def start() -> tuple[subprocess.Popen, float]:
+        store = Path(tempfile.mkdtemp(prefix="caspl-bench-side-store-"))
+        (store / "toyworld_models").mkdir()
+        for built in models.iterdir() if models.is_dir() else ():  # none to link for weights given as files
+            (store / "toyworld_models" / built.name).symlink_to(built)
+        env = {**os.environ, "CASPL_CACHE": str(store)}
+        command = [sys.executable, "-m", "caspl.cli", "adapt", "-c", str(config)]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), time.time()
+
+    def timed(procs: list[tuple[subprocess.Popen, float]]) -> list[float]:
+        seconds = []
+        for proc, began in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(f"side-by-side run failed: caspl adapt -c {config}")
+            seconds.append(round(time.time() - began, 2))
+        return seconds
+
+    alone, together = [], []
+    for _ in range(args.side_by_side):
+        alone += timed([start()])
+        together += timed([start(), start()])
+    slowdown = statistics.median(together) / statistics.median(alone)
+    print(json.dumps({"alone_seconds": alone, "side_by_side_seconds": together}), file=sys.stderr)
+    return {"alone_seconds": alone, "side_by_side_seconds": together, "slowdown": round(slowdown, 3)}
 
 
 def ratios(rows: list[dict]) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_every_script_has_a_smoke_test_that_a_test_runs():
         assert script.name in tests or script.stem in tests, f"{script.name}: no test exercises it"
 
 
-SMOKE_SECONDS = {"bench_study_overhead.py": 40, "bench_cache_throughput.py": 20, "bench_teacher_cache.py": 20,
+SMOKE_SECONDS = {"bench_study_overhead.py": 50, "bench_cache_throughput.py": 20, "bench_teacher_cache.py": 20,
                  "bench_inference.py": 8}  # serial, measured here: the longest start first under xdist
 
 
@@ -44,8 +45,9 @@ SMOKE_SECONDS = {"bench_study_overhead.py": 40, "bench_cache_throughput.py": 20,
                                     for name in sorted(BENCHMARK_KEYS)])
 def test_benchmark_smoke_test_prints_its_summary_last(script, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # CASPL_CACHE: the session's store
-    done = subprocess.run([sys.executable, str(STUDIES / script), "--smoke-test"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)
+    extra = ["--side-by-side", "1"] if script == "bench_study_overhead.py" else []
+    done = subprocess.run([sys.executable, str(STUDIES / script), "--smoke-test", *extra], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert BENCHMARK_KEYS[script] <= set(summary), sorted(summary)
@@ -54,6 +56,10 @@ def test_benchmark_smoke_test_prints_its_summary_last(script, tmp_path):
                                                  abs=0.001)  # printed to 3 decimals
     if script == "bench_study_overhead.py":
         assert summary["runs"] and all(run["errored"] == 0 and run["trials"] > 0 for run in summary["runs"])
+        side = summary["side_by_side"]  # one CoOp run alone, then two at once
+        assert len(side["alone_seconds"]) == 1 and len(side["side_by_side_seconds"]) == 2
+        assert side["slowdown"] == pytest.approx(statistics.median(side["side_by_side_seconds"])
+                                                 / side["alone_seconds"][0], abs=0.001)
     if script == "bench_teacher_cache.py":  # later trials with other temperatures reuse the cache
         assert summary["teacher_view_passes_later_trials"] == [0, 0, 0]
     if script == "bench_inference.py":
