@@ -166,8 +166,7 @@ def main(argv=None) -> int:
             summary, wall = run_local(copy.deepcopy(data))
             rows.append(row(f"local slots={summary['max_concurrent']} images x{scale}", summary, wall, data))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    side = side_by_side(args, study_data(args, None, 1, Path(tempfile.mkdtemp(prefix="caspl-bench-study-")))) \
-        if args.side_by_side else None
+    side = side_by_side(args) if args.side_by_side else None
     if args.two_node:
         _stop_local_ray()
         work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
@@ -178,13 +177,14 @@ def main(argv=None) -> int:
     return 0 if all(r["errored"] == 0 for r in rows) else 1
 
 
-def side_by_side(args, study: dict) -> dict:
+def side_by_side(args) -> dict:
     """Are two CPU-bound trials side by side slower by themselves? `caspl adapt` of CoOp alone (the toy config on the
     study's dataset and student, no boosting) timed alone and two at once, each process with its own fresh store (the
     ToyWorld models linked in), rounds interleaved."""
     from caspl.artifacts import ArtifactStore
     from caspl.config import load_yaml
 
+    study = smoke_overrides(load_yaml(args.config)) if args.smoke_test else load_yaml(args.config)
     data = load_yaml(REPO / "studies" / "configs" / "adapt" / "coop_toy.yaml")
     data.pop("boost")
     data.update(student=study["student"], seeds=[1], data={**data["data"], **study["data"]})

@@ -60,12 +60,11 @@ class PreparedStudy:
     folder: StudyFolder
     store: ArtifactStore
     state: dict = field(default_factory=dict)  # the study state found in the folder ({} for a new study)
-    teacher_cache_seconds: float = 0.0  # the teacher cache alone
-    model_build_seconds: float = 0.0  # loading (on first use: building) the student and teacher, before the cache
     run_tags: dict = field(default_factory=dict)  # lineage tags of every run: git commit, branch, dirty, source, user
     datasets: list = field(default_factory=list)  # what the runs read (`lineage.dataset_specs`), logged as inputs
     ui_command: str = ""  # how to open the MLflow UI on this study's tracking store
-    phase_seconds: dict = field(default_factory=dict)  # where the wall time went, phase by phase (summary.json)
+    phase_seconds: dict = field(default_factory=dict)  # where the wall time went, phase by phase (summary.json);
+    # "models": loading (on first use: building) the student and teacher; "teacher_cache": the cache alone
 
     @property
     def experiment_dir(self) -> str:
@@ -347,7 +346,7 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
     began = time.time()
     for model in (study.student, study.teacher):  # weights built on first use (ToyWorld): here, not in a trial
         load_clip(model.spec(study.runtime))
-    prepared.model_build_seconds = prepared.phase_seconds["models"] = time.time() - began
+    prepared.phase_seconds["models"] = time.time() - began
     began = time.time()
     if any(name.startswith("boost.cache.") for name in prepared.space.params):
         log("[study] the teacher cache itself is searched: each cache variant is built by the first trial needing it")
@@ -357,7 +356,7 @@ def _warm_shared_artifacts(prepared: PreparedStudy, log) -> None:
         _, report = prepare_boost(from_dict(BoostRunConfig, boost, "boost"), prepared.store)
         log(f"[study] teacher cache for {data.dataset} {report.key}: {report.computed} images computed, "
             f"{report.reused} reused, {len(report.skipped)} skipped -> {report.folder}")
-    prepared.teacher_cache_seconds = prepared.phase_seconds["teacher_cache"] = time.time() - began
+    prepared.phase_seconds["teacher_cache"] = time.time() - began
 
 
 def _study_tags(study: StudyConfig, folder: StudyFolder) -> dict:
