@@ -2,11 +2,11 @@
 
 Rows: the zero-shot student, the boosted student (zero-shot over the boosting prompts, "zeroshot+caspl"), each base
 method alone and each base method +CasPL; columns: base / novel / HM per dataset and their average (HM of the
-averaged base and novel accuracies). Two reference rows frame them: the
-zero-shot teacher (what boosting distils) and a linear probe on the student's frozen image features of the same
-K-shot training images (base classes only; its weight decay chosen on validation). One boosting run per dataset
-(seed 1), shared by every method and seed (run_boost reuses it by key); adapting runs use seeds 1, 2, 3 and run in a
-pool of worker processes. Finished runs are reused on a re-run (they live in the artefact store, keyed by their config).
+averaged base and novel accuracies). Two reference rows frame them: the zero-shot teacher (what boosting distils)
+and a linear probe on the student's frozen image features of the same K-shot training images (base classes only;
+its weight decay chosen on validation). One boosting run per dataset (seed 1), shared by every method and seed
+(run_boost reuses it by key); adapting runs use seeds 1, 2, 3 and run in a pool of worker processes. Finished runs
+are reused on a re-run (they live in the artefact store, keyed by their config).
 
     python studies/toy_table.py                    # full table (budget: 30 min on 2 cores, cold cache)
     python studies/toy_table.py --smoke-test       # 1 dataset, 1 seed, a few epochs (CI)
