@@ -414,7 +414,9 @@ def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_pat
         assert killed["signalled_at"] is not None, (pattern, log.read_text()[-3000:])
         assert len([r for r in _runs(tmp_path / "mlflow.db") if "mlflow.parentRunId" not in r.data.tags]) <= 1
 
-    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db")
+    # no "resuming" asserted: a kill may leave no complete Tune session (trials were asked but not yet saved), and
+    # then the rerun correctly starts Tune over
+    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db", resumes=None)
     assert folder_digest(sibling) == sibling_before
 
 
@@ -465,14 +467,16 @@ def test_study_on_uri_storage_survives_kill_9_and_ctrl_c_without_rerunning_finis
     assert {r.info.status for r in _children(runs)} == {"FINISHED"}
 
 
-def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path) -> None:
-    """The same command again resumes and ends with one parent run, one FINISHED child run per configured trial,
-    and the Optuna storage holding every finished trial."""
+def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path,
+                                        resumes: bool | None = True) -> None:
+    """The same command again (resuming Tune's state when `resumes`; either way when None) ends with one parent run,
+    one FINISHED child run per configured trial, and the Optuna storage holding every finished trial."""
     from studies.check_resume_instants import check_outcome
 
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "resuming" in rerun.stdout
+    if resumes is not None:
+        assert ("resuming" in rerun.stdout) == resumes, rerun.stdout[-3000:]
     outcome = check_outcome(data, folder)
     assert all(outcome["checks"].values()), outcome
     _assert_optuna_holds_what_tune_finished(folder, _children(_runs(db)))
