@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 
@@ -44,6 +45,24 @@ def trainable_methods() -> list[str]:
     return sorted(name for name in METHOD_CASES if method_class(name).config_cls.kind == BASE)
 
 
+# What the session's processes import: xdist workers, study drivers, trials, teacher actors, Ray Data and Train.
+SHARED_IMPORTS = ("caspl.study.runner", "caspl.study.trial", "caspl.study.report", "caspl.distill.cache",
+                  "caspl.train.boost", "caspl.train.adapt", "ray.tune", "ray.data", "ray.train.torch", "mlflow",
+                  "optuna", "matplotlib.pyplot")
+
+
+def pytest_configure(config) -> None:
+    """Under xdist, the controller imports SHARED_IMPORTS once before the workers start, so that their byte-code is
+    written once (the test command installs with pip's --no-compile, which skips compiling the whole of torch)
+    instead of by every process that starts at once."""
+    if sys.dont_write_bytecode or hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    import importlib
+
+    for name in SHARED_IMPORTS:
+        importlib.import_module(name)
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     """Longest first: `slow(seconds=N)` tests by N, then the rest in file order. With the README's
     `-n auto --dist load --maxschedchunk 1` workers take tests one at a time in this order, so the long end-to-end
@@ -57,9 +76,16 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Artefacts built by a test land in a per-session temporary store, never in the user's cache."""
+    """Artefacts built by a test land in a per-session temporary store, never in the user's cache. The xdist workers
+    of one session share it (the store's file locks make concurrent builders build once), so the ToyWorld smoke
+    weights and teacher caches are built once per session, not once per worker."""
     if "CASPL_CACHE_FOR_TESTS" not in os.environ:
-        os.environ["CASPL_CACHE_FOR_TESTS"] = str(tmp_path_factory.mktemp("caspl_cache"))
+        session_root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's base is <session>/popen-gwN
+            session_root = session_root.parent
+        store = session_root / "caspl_cache"
+        store.mkdir(exist_ok=True)
+        os.environ["CASPL_CACHE_FOR_TESTS"] = str(store)
     monkeypatch.setenv("CASPL_CACHE", os.environ["CASPL_CACHE_FOR_TESTS"])
 
 
