@@ -7,12 +7,14 @@ made absolute: trials run in other working directories, and `ray job submit` run
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from caspl.errors import ConfigError
 
@@ -129,9 +131,16 @@ def _check_sqlite_store(uri: str) -> None:
 
 
 def client(settings: TrackingSettings):
+    """This process's MlflowClient for the settings' store: one per tracking URI (a new client opens its store
+    again, about 25 ms on SQLite, and trials log every epoch)."""
+    return _client_for(settings.tracking_uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=settings.tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def experiment_id(settings: TrackingSettings) -> str:
@@ -237,14 +246,18 @@ def close_open_runs(settings: TrackingSettings, parent_run_id: str, status: str)
 
 
 def log_metrics(settings: TrackingSettings, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    log_metric_steps(settings, run_id, [(step, metrics)])
+
+
+def log_metric_steps(settings: TrackingSettings, run_id: str, steps: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+    """Log the numeric metrics of several steps (e.g. a finished run's epochs) in one write."""
     from mlflow.entities import Metric
-    import time
 
     now = int(time.time() * 1000)
-    values = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()
+    values = [Metric(k.replace("@", "_"), float(v), now, step) for step, metrics in steps for k, v in metrics.items()
               if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if values:
-        client(settings).log_batch(run_id, metrics=values)
+    for start in range(0, len(values), 1000):  # MLflow's limit of metrics per batch
+        client(settings).log_batch(run_id, metrics=values[start:start + 1000])
 
 
 def log_params(settings: TrackingSettings, run_id: str, params: Mapping[str, object]) -> None:

@@ -25,8 +25,8 @@ from caspl.study.report import OBJECTIVE, OBJECTIVE_KEYS
 from caspl.study.space import trial_configs
 from caspl.study.console import quiet_trial_logging
 from caspl.study.lineage import dataset_inputs
-from caspl.study.tracking import (ROLE_TAG, TrackingSettings, client, log_inputs_once, log_metrics, log_params,
-                                  trial_run)
+from caspl.study.tracking import (ROLE_TAG, TrackingSettings, client, log_inputs_once, log_metric_steps, log_metrics,
+                                  log_params, trial_run)
 from caspl.train.metrics import harmonic_mean
 
 TRIAL_STATE = "trial_state.json"
@@ -69,12 +69,15 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
             tune.report(state["final"])
             return
 
-        began = time.perf_counter()  # trial compute: boosting, adapting, evaluation (for the overhead benchmark)
+        # trial compute (the overhead benchmark's), in wall and in this process's CPU seconds
+        began, began_cpu, reported = time.perf_counter(), time.process_time(), _REPORT_SECONDS[0]
         trial = _Trial(study_cfg, params, seed, ArtifactStore(context["store"]), tracking, run_id, work, state,
                        trial_id)
         per_dataset = {data.dataset: trial.evaluate(data) for data in study_cfg.datasets}
         final = {"phase": "finished", "finished": True, "trial_id": trial_id,
-                 "compute_seconds": time.perf_counter() - began, "peak_rss_mb": peak_rss_mb(),
+                 "compute_seconds": time.perf_counter() - began, "compute_cpu_seconds": time.process_time() - began_cpu,
+                 "report_seconds": _REPORT_SECONDS[0] - reported,
+                 "peak_rss_mb": peak_rss_mb(),
                  **average_scores(per_dataset)}
         if len(per_dataset) > 1:
             final.update({f"{name}/{k}": v for name, scores in per_dataset.items() for k, v in scores.items()})
@@ -128,9 +131,9 @@ class _Trial:
         metrics = client(self.tracking).get_run(self.run_id).data.metrics
         if f"{self.prefix}boost/kd_loss" in metrics:  # logged before a resume
             return
-        for epoch in boost.history:
-            log_metrics(self.tracking, self.run_id,
-                        {self.prefix + k: v for k, v in epoch.items() if k.startswith("boost/")}, epoch["epoch"])
+        log_metric_steps(self.tracking, self.run_id,
+                         [(epoch["epoch"], {self.prefix + k: v for k, v in epoch.items() if k.startswith("boost/")})
+                          for epoch in boost.history])
         client(self.tracking).set_tag(self.run_id, f"caspl.{self.prefix}boost_key", boost.key)
         client(self.tracking).set_tag(self.run_id, f"caspl.{self.prefix}teacher_cache_key", boost.cache_key)
 
@@ -293,12 +296,18 @@ def _restore(work: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+_REPORT_SECONDS = [0.0]  # this process's seconds inside tune.report: the checkpoint copy and Tune's hand-off
+
+
 def _report(work: Path, state: dict, metrics: dict) -> None:
-    """Report to Tune with a checkpoint of the trial state and the adapting run's resumable state."""
+    """Report to Tune with a checkpoint of the trial state and the adapting run's resumable state. A function
+    trainable's report blocks until Tune's controller asks for the next result, so the time it takes is counted."""
     from ray import tune
 
     (work / TRIAL_STATE).write_text(json.dumps(state))
+    began = time.perf_counter()
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work)))
+    _REPORT_SECONDS[0] += time.perf_counter() - began
 
 
 def _run_name(params: dict, seed: int) -> str:
