@@ -15,12 +15,16 @@ built before the clock starts). For a run with c = search.max_concurrent trial s
     driver_cpu_seconds, machine_cpu_seconds = CPU spent by the driver process, and by the whole machine (Linux)
                       during the run: the part that is not trial compute competes with the trials once slots fill
                       the cores
+    trial_compute_cpu_seconds = Σ the trial processes' CPU seconds over the same spans as trial compute: wall
+                      above CPU is time a trial waited (for a core, a lock, the disk)
+    trial_report_seconds = Σ seconds the trials spent inside tune.report (checkpoint copy and Tune's hand-off)
 
     python studies/bench_study_overhead.py                          # the default study, 2 slots
     python studies/bench_study_overhead.py --slots 1 2              # scaling: 2 slots against 1 (target >= 1.8x)
     python studies/bench_study_overhead.py --image-scale 1 4        # peak trial memory at 1x and 4x the images
     python studies/bench_study_overhead.py --two-node               # also on a 2-node local cluster, 1 CPU each
     python studies/bench_study_overhead.py --slots 0 --side-by-side 3   # are two CoOp runs side by side slower?
+    python studies/bench_study_overhead.py --slots 0 --side-by-side 3 --side-by-side-run boost   # two boostings?
     python studies/bench_study_overhead.py --smoke-test
 
 Runs go one after the other (same seeds and trial count). The last line of stdout is JSON: every run and the ratios.
@@ -59,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-scale", type=int, nargs="+", default=[1], help="ToyWorld training images x k")
     parser.add_argument("--two-node", action="store_true", help="also run on a 2-node local cluster, 1 CPU each")
     parser.add_argument("--side-by-side", type=int, default=0, metavar="REPEATS",
-                        help="also time one CoOp adapting run alone and two at once, in plain processes (no Ray)")
+                        help="also time one run alone and two at once, in plain processes (no Ray)")
+    parser.add_argument("--side-by-side-run", choices=("adapt", "boost"), default="adapt",
+                        help="what --side-by-side times: CoOp adapting (default), or the study's boosting on its "
+                             "cached teacher")
     parser.add_argument("--smoke-test", action="store_true")
     return parser.parse_args(argv)
 
@@ -147,6 +154,8 @@ def row(label: str, summary: dict, wall: float, data: dict) -> dict:
     used = summary["trial_compute_seconds"] + slots * summary["teacher_cache_seconds"]
     return {"run": label, "trials": summary["finished"], "errored": summary["errored"], "max_concurrent": slots,
             "wall_seconds": round(wall, 1), "trial_compute_seconds": summary["trial_compute_seconds"],
+            "trial_compute_cpu_seconds": summary.get("trial_compute_cpu_seconds", 0.0),
+            "trial_report_seconds": summary.get("trial_report_seconds", 0.0),
             "teacher_cache_seconds": summary["teacher_cache_seconds"],
             "compute_fraction": round(used / (slots * wall), 3),
             "trials_per_hour": round(summary["finished"] / wall * 3600, 1), "peak_rss_mb": round(peak_rss(data), 1),
@@ -178,36 +187,40 @@ def main(argv=None) -> int:
 
 
 def side_by_side(args) -> dict:
-    """Are two CPU-bound trials side by side slower by themselves? `caspl adapt` of CoOp alone (the toy config on the
-    study's dataset and student, no boosting) timed alone and two at once, each process with its own fresh store (the
-    ToyWorld models linked in), rounds interleaved."""
+    """Are two CPU-bound trials side by side slower by themselves? One run timed alone and two at once, rounds
+    interleaved, each process with its own fresh store (the ToyWorld models, and for boosting the teacher cache,
+    linked in): `caspl adapt` of CoOp (the toy config on the study's dataset and student, no boosting), or
+    `caspl boost` with the study's boosting settings (depth 4, length 6: a mid-space trial)."""
     from caspl.artifacts import ArtifactStore
     from caspl.config import load_yaml
 
     study = smoke_overrides(load_yaml(args.config)) if args.smoke_test else load_yaml(args.config)
-    data = load_yaml(REPO / "studies" / "configs" / "adapt" / "coop_toy.yaml")
-    data.pop("boost")
-    data.update(student=study["student"], seeds=[1], data={**data["data"], **study["data"]})
-    if args.smoke_test:  # else the toy config's own budget: 200 epochs, about 20 s of compute per run here
-        data.update(shots=study["adapt"]["shots"], optim={**data["optim"], **study["adapt"]["optim"]})
-    config = Path(tempfile.mkdtemp(prefix="caspl-bench-side-")) / "coop.yaml"
-    config.write_text(yaml.safe_dump(data))
-    models = ArtifactStore().root / "toyworld_models"
+    config = Path(tempfile.mkdtemp(prefix="caspl-bench-side-")) / f"{args.side_by_side_run}.yaml"
+    config.write_text(yaml.safe_dump(_side_config(args, study)))
+    main_store = ArtifactStore().root
+    if args.side_by_side_run == "boost":  # the teacher cache is an input, as in a study's trials: built once here
+        subprocess.run([sys.executable, "-m", "caspl.cli", "cache", "-c", str(config)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        linked = ("toyworld_models", "toyworld_data", "teacher_logits", "teacher_text")
+    else:
+        linked = ("toyworld_models",)
 
     def start() -> tuple[subprocess.Popen, float]:
         store = Path(tempfile.mkdtemp(prefix="caspl-bench-side-store-"))
-        (store / "toyworld_models").mkdir()
-        for built in models.iterdir() if models.is_dir() else ():  # none to link for weights given as files
-            (store / "toyworld_models" / built.name).symlink_to(built)
+        for name in linked:
+            if (main_store / name).is_dir():  # none to link for weights given as files
+                (store / name).mkdir()
+                for built in (main_store / name).iterdir():
+                    (store / name / built.name).symlink_to(built)
         env = {**os.environ, "CASPL_CACHE": str(store)}
-        command = [sys.executable, "-m", "caspl.cli", "adapt", "-c", str(config)]
+        command = [sys.executable, "-m", "caspl.cli", args.side_by_side_run, "-c", str(config)]
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), time.time()
 
     def timed(procs: list[tuple[subprocess.Popen, float]]) -> list[float]:
         seconds = []
         for proc, began in procs:
             if proc.wait() != 0:
-                raise RuntimeError(f"side-by-side run failed: caspl adapt -c {config}")
+                raise RuntimeError(f"side-by-side run failed: caspl {args.side_by_side_run} -c {config}")
             seconds.append(round(time.time() - began, 2))
         return seconds
 
@@ -217,7 +230,24 @@ def side_by_side(args) -> dict:
         together += timed([start(), start()])
     slowdown = statistics.median(together) / statistics.median(alone)
     print(json.dumps({"alone_seconds": alone, "side_by_side_seconds": together}), file=sys.stderr)
-    return {"alone_seconds": alone, "side_by_side_seconds": together, "slowdown": round(slowdown, 3)}
+    return {"run": args.side_by_side_run, "alone_seconds": alone, "side_by_side_seconds": together,
+            "slowdown": round(slowdown, 3)}
+
+
+def _side_config(args, study: dict) -> dict:
+    from caspl.config import load_yaml
+
+    if args.side_by_side_run == "boost":
+        return {**study["boost"], "student": study["student"], "teacher": study["teacher"], "data": study["data"],
+                "method": {"text_length": 6, "vision_length": 6, "text_depth": 4, "vision_depth": 4,
+                           "temperature": 1.0},
+                "runtime": study.get("runtime", {})}
+    data = load_yaml(REPO / "studies" / "configs" / "adapt" / "coop_toy.yaml")
+    data.pop("boost")
+    data.update(student=study["student"], seeds=[1], data={**data["data"], **study["data"]})
+    if args.smoke_test:  # else the toy config's own budget: 200 epochs, about 20 s of compute per run here
+        data.update(shots=study["adapt"]["shots"], optim={**data["optim"], **study["adapt"]["optim"]})
+    return data
 
 
 def ratios(rows: list[dict]) -> dict:

@@ -64,3 +64,21 @@ def test_benchmark_smoke_test_prints_its_summary_last(script, tmp_path):
         assert summary["teacher_view_passes_later_trials"] == [0, 0, 0]
     if script == "bench_inference.py":
         assert all(len(row["slowdown_pct_per_repeat"]) == summary["repeats"] for row in summary["results"])
+
+
+@pytest.mark.parametrize("run", ["adapt", "boost"])
+def test_side_by_side_runs_are_valid_configs_of_their_command(run):
+    """`bench_study_overhead.py --side-by-side-run {adapt,boost}` times `caspl adapt` / `caspl boost` on a config
+    built from the study's: it must load as that command's config, on the study's student, data and budgets."""
+    from caspl.config import from_dict, load_yaml
+    from caspl.train.adapt import AdaptRunConfig
+    from caspl.train.boost import BoostRunConfig
+    from studies.bench_study_overhead import DEFAULT_CONFIG, _side_config, parse_args
+
+    study = load_yaml(DEFAULT_CONFIG)
+    config = _side_config(parse_args(["--slots", "0", "--side-by-side", "1", "--side-by-side-run", run]), study)
+    loaded = from_dict({"adapt": AdaptRunConfig, "boost": BoostRunConfig}[run], config, run)
+    assert loaded.student.name == study["student"]["name"] and loaded.data.dataset == study["data"]["dataset"]
+    if run == "boost":
+        assert loaded.teacher.name == study["teacher"]["name"] and loaded.teacher_mode == "cached"
+        assert loaded.optim.epochs == study["boost"]["optim"]["epochs"]
