@@ -556,6 +556,8 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
                and (trial / "params.json").exists())  # CheckpointConfig(num_to_keep=2), not one per report
     summary = json.loads((study_folder / "summary" / "summary.json").read_text())
     assert {"teacher_cache_seconds", "model_build_seconds"} <= set(summary)
+    assert 0 < summary["trial_compute_cpu_seconds"] <= summary["trial_compute_seconds"] * 1.1  # one thread per trial
+    assert 0 < summary["trial_report_seconds"] < summary["trial_compute_seconds"]
     assert set(summary["phase_seconds"]) == {"checks", "ray_start", "models", "teacher_cache", "open_parent_run",
                                              "tune"}  # report and ray_shutdown end after summary.json is written
     assert sum(summary["phase_seconds"].values()) <= summary["wall_seconds"] + summary["phase_seconds"]["checks"] \
