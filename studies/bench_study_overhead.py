@@ -154,8 +154,8 @@ def row(label: str, summary: dict, wall: float, data: dict) -> dict:
     used = summary["trial_compute_seconds"] + slots * summary["teacher_cache_seconds"]
     return {"run": label, "trials": summary["finished"], "errored": summary["errored"], "max_concurrent": slots,
             "wall_seconds": round(wall, 1), "trial_compute_seconds": summary["trial_compute_seconds"],
-            "trial_compute_cpu_seconds": summary.get("trial_compute_cpu_seconds", 0.0),
-            "trial_report_seconds": summary.get("trial_report_seconds", 0.0),
+            "trial_compute_cpu_seconds": summary["trial_compute_cpu_seconds"],
+            "trial_report_seconds": summary["trial_report_seconds"],
             "teacher_cache_seconds": summary["teacher_cache_seconds"],
             "compute_fraction": round(used / (slots * wall), 3),
             "trials_per_hour": round(summary["finished"] / wall * 3600, 1), "peak_rss_mb": round(peak_rss(data), 1),

@@ -416,7 +416,7 @@ def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_pat
 
     # no "resuming" asserted: a kill may leave no complete Tune session (trials were asked but not yet saved), and
     # then the rerun correctly starts Tune over
-    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db", resumes=None)
+    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db", must_resume=False)
     assert folder_digest(sibling) == sibling_before
 
 
@@ -468,15 +468,15 @@ def test_study_on_uri_storage_survives_kill_9_and_ctrl_c_without_rerunning_finis
 
 
 def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path,
-                                        resumes: bool | None = True) -> None:
-    """The same command again (resuming Tune's state when `resumes`; either way when None) ends with one parent run,
-    one FINISHED child run per configured trial, and the Optuna storage holding every finished trial."""
+                                        must_resume: bool = True) -> None:
+    """The same command again (resuming Tune's state, required when `must_resume`) ends with one parent run, one
+    FINISHED child run per configured trial, and the Optuna storage holding every finished trial."""
     from studies.check_resume_instants import check_outcome
 
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    if resumes is not None:
-        assert ("resuming" in rerun.stdout) == resumes, rerun.stdout[-3000:]
+    if must_resume:
+        assert "resuming" in rerun.stdout, rerun.stdout[-3000:]
     outcome = check_outcome(data, folder)
     assert all(outcome["checks"].values()), outcome
     _assert_optuna_holds_what_tune_finished(folder, _children(_runs(db)))
@@ -557,7 +557,7 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
     summary = json.loads((study_folder / "summary" / "summary.json").read_text())
     assert {"teacher_cache_seconds", "model_build_seconds"} <= set(summary)
     assert 0 < summary["trial_compute_cpu_seconds"] <= summary["trial_compute_seconds"] * 1.1  # one thread per trial
-    assert 0 < summary["trial_report_seconds"] < summary["trial_compute_seconds"]
+    assert 0 <= summary["trial_report_seconds"] < summary["trial_compute_seconds"]  # milliseconds per report
     assert set(summary["phase_seconds"]) == {"checks", "ray_start", "models", "teacher_cache", "open_parent_run",
                                              "tune"}  # report and ray_shutdown end after summary.json is written
     assert sum(summary["phase_seconds"].values()) <= summary["wall_seconds"] + summary["phase_seconds"]["checks"] \
