@@ -173,10 +173,8 @@ def summarise(prepared, rows: list[dict], parent_run_id: str, seconds: float, ve
                "teacher_cache_seconds": round(prepared.phase_seconds.get("teacher_cache", 0.0), 1),
                "phase_seconds": {name: round(value, 1) for name, value in prepared.phase_seconds.items()},
                "max_concurrent": prepared.study.search.max_concurrent,
-               "trial_compute_seconds": round(sum(float(r["metrics"].get("compute_seconds", 0)) for r in rows), 1),
-               "trial_compute_cpu_seconds": round(sum(float(r["metrics"].get("compute_cpu_seconds", 0)) for r in rows),
-                                                  1),
-               "trial_report_seconds": round(sum(float(r["metrics"].get("report_seconds", 0)) for r in rows), 1),
+               **{f"trial_{key}": round(sum(float(r["metrics"].get(key, 0)) for r in rows), 1)
+                  for key in ("compute_seconds", "compute_cpu_seconds", "report_seconds")},
                "tracking_uri": tracking.tracking_uri, "parent_run_id": parent_run_id,
                "objective": prepared.study.search.objective, "spearman_with_test_hm": objective_agreement(rows),
                "baseline_runs": len(set(baselines.values())),
