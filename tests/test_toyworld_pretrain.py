@@ -83,12 +83,15 @@ def test_corrupted_weights_are_detected_and_rebuilt(tmp_path):
     assert sha256_file(rebuilt["weights"]) == digest
 
 
-def test_load_clip_toyworld_is_strict_and_cached(monkeypatch):
+def test_load_clip_toyworld_is_strict_and_cached(monkeypatch, tmp_path):
     for name, recipe in TINY_RECIPES.items():
         monkeypatch.setitem(tp.RECIPES, name, recipe)
+    # a store of its own: the session's shared store may hold the tiny student already (the smoke-source test builds
+    # the same key), and then load_clip rightly builds no partner
+    monkeypatch.setenv("CASPL_CACHE", str(tmp_path))
     loaded = load_clip(ModelSpec(tp.STUDENT, pretrained="toyworld"))
     expected = tp.build_model(tp.STUDENT, progress=False)
-    assert not expected["built"]  # load_clip built it into the default (test) store
+    assert not expected["built"]  # load_clip built it into the default store
     assert not tp.build_model(tp.TEACHER, progress=False)["built"]  # and its partner with it
     assert loaded.checkpoint == str(expected["weights"])
     state = load_file(expected["weights"])
