@@ -318,7 +318,7 @@ for i in range(48):
     paths.append(str(path))
 images = UnlabeledImages.from_paths(paths)
 cfg = CacheConfig(views=2, batch_size=4, shard_size=8, crop_scale=(0.5, 1.0))
-ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False)
+ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, configure_logging=False)
 
 
 def build(store):

@@ -518,7 +518,8 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
     env = _env(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dashboard = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
+    # short: Ray's unix socket paths must stay < 108 bytes; `<RAY_TMPDIR>/ray`, where Ray looks for a running cluster
+    temp_dir = str(Path(tempfile.mkdtemp(prefix="rj", dir="/tmp")) / "ray")
     start = subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
                             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
                             # free ports: the session's shared Ray already holds the default agent ports
@@ -533,6 +534,14 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
              "--storage", str(tmp_path / "runs"), "--", "--smoke-test", "--name", "submitted"],
             capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        # without $RAY_ADDRESS a command starts a Ray of its own, even with this head found in Ray's temp folder
+        local = subprocess.run([sys.executable, "-c", "import ray; from caspl.ray_env import ensure_ray; "
+                                "ensure_ray(num_cpus=1); print(ray.get_runtime_context().gcs_address)"],
+                               capture_output=True, text=True, env={**env, "RAY_TMPDIR": str(Path(temp_dir).parent)},
+                               timeout=120)
+        head = Path(temp_dir, "ray_current_cluster").read_text().strip()
+        assert head.endswith(f":{gcs}")
+        assert local.returncode == 0 and local.stdout.strip() not in ("", head), local.stderr[-2000:]
     finally:
         _stop_head(temp_dir)
     lines = submit.stdout.splitlines()
