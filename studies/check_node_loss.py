@@ -1,14 +1,14 @@
 """Node loss during a study, on a two-node Ray cluster on this machine: the trial resumes on the other node.
 
 Each repeat starts a head and a second node (`ray start`, 1 CPU each, their own temporary folders, RAY_AUTH_MODE
-disabled), runs a study of 2 trials of 1 CPU (one per node) against them, and SIGKILLs the second node (its raylet
-and every process under it, as a machine failure would) once a trial there has finished its second adapting epoch.
-Tune's FailureConfig retries the trial on the head as soon as a CPU is free there; the trial restores its checkpoint
-(its MLflow run id) and its adapting run resumes after the last finished epoch (adapting runs live in the shared
-artefact store). Checked: the study exits 0 with both trials finished; one parent run, FINISHED; one child run per
-trial, FINISHED; the killed trial's run was started twice, ended on the head, and logged each adapting epoch exactly
-once (no epoch was trained again). Measured: recovery time, from the kill to the killed trial's next finished epoch
-(it includes the wait for the head's CPU, held by the other trial).
+disabled, each in a process session of its own), runs a study of 2 trials of 1 CPU (one per node) against them, and
+SIGKILLs every process of the second node, as a machine failure would, once a trial there has finished its second
+adapting epoch. Tune's FailureConfig retries the trial on the head as soon as a CPU is free there; the trial restores
+its checkpoint (its MLflow run id) and its adapting run resumes after the last finished epoch (adapting runs live in
+the shared artefact store). Checked: the study exits 0 with both trials finished; one parent run, FINISHED; one child
+run per trial, FINISHED; the killed trial's run was started twice, ended on the head, and logged each adapting epoch
+exactly once (no epoch was trained again). Measured: recovery time, from the kill to the killed trial's next finished
+epoch (it includes the wait for the head's CPU, held by the other trial).
 
     python studies/check_node_loss.py                  # 3 repeats of studies/configs/study/tiny_check.yaml
     python studies/check_node_loss.py --smoke-test     # 1 repeat (CI)
@@ -47,73 +47,80 @@ def free_port() -> int:
 
 
 @dataclass
+class Node:
+    """A Ray node started here by `ray start` in a session of its own: every process of the node (GCS, raylet,
+    dashboard and its module processes, agents, Ray Client server, workers) belongs to that session, also once
+    reparented, and under a process title that no longer names the node's temporary folder."""
+
+    temp_dir: str
+    session: int
+
+    def raylet(self) -> tuple[int, str]:
+        """(pid, node id) of the node's raylet."""
+        for pid in session_pids(self.session):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"/raylet"):
+                node = next(a for a in args if a.startswith(b"--node_id=")).split(b"=", 1)[1]
+                return pid, node.decode()
+        raise RuntimeError(f"no raylet in the Ray node under {self.temp_dir}")
+
+    def kill(self, timeout: float = 10.0) -> list[int]:
+        """SIGKILL every process of the node, as a machine failure would, and wait (at most `timeout` seconds) until
+        none is left. Returns the pids killed."""
+        killed: set[int] = set()
+        deadline = time.time() + timeout
+        while (alive := session_pids(self.session)) and time.time() < deadline:
+            for pid in alive:  # again until none is left: a process may fork while its siblings are killed
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed.update(alive)
+            time.sleep(0.05)
+        return sorted(killed)
+
+
+def session_pids(session: int) -> list[int]:
+    """Pids of the live processes in a session (Linux /proc; zombies, dead but not yet reaped, left out)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            state, _, _, sid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if int(sid) == session and state != "Z":
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def start_node(args: list[str], temp_dir: str, env: dict) -> Node:
+    """`ray start ARGS --temp-dir=TEMP_DIR` in a new session (whose id is the pid of `ray start`)."""
+    command = [RAY, "start", *args, "--disable-usage-stats", f"--temp-dir={temp_dir}", *_agent_ports()]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    out, _ = proc.communicate(timeout=180)
+    node = Node(temp_dir, proc.pid)
+    if proc.returncode != 0:
+        node.kill()
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out[-3000:]}")
+    return node
+
+
+@dataclass
 class Cluster:
     address: str
-    head_dir: str
-    worker_dir: str
-
-    def raylet(self, temp_dir: str) -> tuple[int, str]:
-        """(pid, node id) of the raylet whose session lives under `temp_dir`."""
-        for proc in Path("/proc").iterdir():
-            try:
-                args = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if proc.name.isdigit() and args and args[0].endswith(b"/raylet") and temp_dir.encode() in b" ".join(args):
-                node = next(a for a in args if a.startswith(b"--node_id=")).split(b"=", 1)[1]
-                return int(proc.name), node.decode()
-        raise RuntimeError(f"no raylet under {temp_dir}")
-
-    def kill_node(self, temp_dir: str) -> list[int]:
-        """SIGKILL a node as a machine failure would: its raylet, every process under it (the trial workers) and
-        every other process of its session (agents, log monitor). Returns the pids killed."""
-        raylet, _ = self.raylet(temp_dir)
-        parents = {}
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit():
-                    parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-        doomed = {raylet} | {pid for pid in parents if self._under(pid, raylet, parents)}
-        doomed |= set(self._pids(temp_dir))
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return sorted(doomed)
-
-    @staticmethod
-    def _under(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
-        while pid in parents and pid > 1:
-            pid = parents[pid]
-            if pid == ancestor:
-                return True
-        return False
-
-    @staticmethod
-    def _pids(temp_dir: str) -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and temp_dir.encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-        return found
+    head: Node
+    worker: Node
 
     def stop(self) -> None:
-        """SIGKILL both nodes (each found by its temporary folder): `ray stop` would stop every Ray here."""
-        for temp_dir in (self.worker_dir, self.head_dir):
-            try:
-                self.kill_node(temp_dir)
-            except RuntimeError:  # no raylet left: kill what remains of the session
-                for pid in self._pids(temp_dir):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+        """Kill both nodes (`ray stop` would stop every Ray on this machine)."""
+        for node in (self.worker, self.head):
+            node.kill()
 
 
 def _agent_ports() -> list[str]:
@@ -123,20 +130,17 @@ def _agent_ports() -> list[str]:
 
 
 def start_cluster(env: dict) -> Cluster:
-    head_dir = tempfile.mkdtemp(prefix="nlh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    worker_dir = tempfile.mkdtemp(prefix="nlw", dir="/tmp")
-    port = free_port()
-    cluster = Cluster(f"127.0.0.1:{port}", head_dir, worker_dir)
-    commands = [[RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                 "--disable-usage-stats", f"--temp-dir={head_dir}", *_agent_ports()],
-                [RAY, "start", f"--address={cluster.address}", "--num-cpus=1", "--disable-usage-stats",
-                 f"--temp-dir={worker_dir}", *_agent_ports()]]
-    for command in commands:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
-        if done.returncode != 0:
-            cluster.stop()
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return cluster
+    """A head and a second node, 1 CPU each, their temporary folders short (Ray's socket paths must stay < 108
+    bytes)."""
+    address = f"127.0.0.1:{free_port()}"
+    head = start_node(["--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1", "--include-dashboard=false"],
+                      tempfile.mkdtemp(prefix="nlh", dir="/tmp"), env)
+    try:
+        worker = start_node([f"--address={address}", "--num-cpus=1"], tempfile.mkdtemp(prefix="nlw", dir="/tmp"), env)
+    except BaseException:
+        head.kill()
+        raise
+    return Cluster(address, head, worker)
 
 
 def _client(data: dict):
@@ -157,7 +161,7 @@ def run_once(data: dict, work: Path, env: dict, timeout: float = 900) -> dict:
     experiment = data["tracking"]["experiment"]
     client = _client(data)
     try:
-        _, worker_node = cluster.raylet(cluster.worker_dir)
+        _, worker_node = cluster.worker.raylet()
         config = work / "study.yaml"
         config.write_text(yaml.safe_dump(data))
         log = open(work / "study.log", "w")
@@ -169,7 +173,7 @@ def run_once(data: dict, work: Path, env: dict, timeout: float = 900) -> dict:
                 on_worker = run.data.tags.get("caspl.node_id") == worker_node
                 if on_worker and "adapt/loss" in run.data.metrics \
                         and len(client.get_metric_history(run.info.run_id, "adapt/loss")) >= KILL_AFTER_EPOCHS:
-                    cluster.kill_node(cluster.worker_dir)
+                    cluster.worker.kill()
                     killed_at, victim = time.time(), run.info.run_id
                     break
             time.sleep(0.2)
@@ -179,7 +183,8 @@ def run_once(data: dict, work: Path, env: dict, timeout: float = 900) -> dict:
         code = driver.wait(timeout=timeout)
     finally:
         cluster.stop()
-    return {"exit_code": code, "kill_after_s": round(killed_at - began, 1),
+    left = [pid for node in (cluster.head, cluster.worker) for pid in session_pids(node.session)]
+    return {"exit_code": code, "kill_after_s": round(killed_at - began, 1), "processes_left": len(left),
             **check(client, experiment, data, victim, worker_node, killed_at, epochs_before)}
 
 
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runtime": {**base.get("runtime", {}), "store": str(work / "store")}}
         began = time.time()
         report = {"repeat": repeat + 1, **run_once(data, work, env), "wall_s": round(time.time() - began, 1)}
-        report["ok"] = report["ok"] and report["exit_code"] == 0
+        report["ok"] = report["ok"] and report["exit_code"] == 0 and report["processes_left"] == 0
         print(json.dumps(report), flush=True)
         reports.append(report)
     print(json.dumps({"repeats": len(reports), "ok": all(r["ok"] for r in reports),

@@ -491,17 +491,8 @@ def test_a_trial_on_a_lost_node_resumes_on_the_other_from_its_last_epoch(tmp_pat
     assert done.returncode == 0 and reports and reports[0]["ok"], done.stdout[-3000:] + done.stderr[-3000:]
     first = reports[0]
     assert first["exit_code"] == 0 and first["trials"] == 2 and all(first["checks"].values())
+    assert first["processes_left"] == 0  # both nodes stopped whole: no orphaned agent or dashboard process
     assert first["resumed_at_epoch"] == first["epochs_before_kill"] + 1
-
-
-def _stop_head(temp_dir: str) -> None:
-    """Stop only this test's head: `ray stop` would also kill the Ray that other tests share."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and temp_dir.encode() in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
 
 
 def _free_port() -> int:
@@ -515,19 +506,14 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
     """`ray_jobs/submit.py -- --smoke-test` on a running head: the embedded default's smoke test (ToyWorld models,
     built on first use; MLflow via mlflow.env and the environment) logs one parent and its trials, the runs explain
     themselves, the Optuna storage holds what Tune finished, and the job's console ends on the summary."""
+    from studies.check_node_loss import session_pids, start_node
+
     env = _env(tmp_path)
-    ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dashboard = _free_port(), _free_port()
     # short: Ray's unix socket paths must stay < 108 bytes; `<RAY_TMPDIR>/ray`, where Ray looks for a running cluster
     temp_dir = str(Path(tempfile.mkdtemp(prefix="rj", dir="/tmp")) / "ray")
-    start = subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                            "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-                            # free ports: the session's shared Ray already holds the default agent ports
-                            f"--dashboard-agent-listen-port={_free_port()}",
-                            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                            f"--metrics-export-port={_free_port()}",
-                            f"--temp-dir={temp_dir}"], capture_output=True, text=True, env=env, timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
+    head = start_node(["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                       "--include-dashboard=true"], temp_dir, env)
     try:
         submit = subprocess.run(
             [sys.executable, str(REPO / "ray_jobs" / "submit.py"), "--address", f"http://127.0.0.1:{dashboard}",
@@ -539,11 +525,12 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
                                 "ensure_ray(num_cpus=1); print(ray.get_runtime_context().gcs_address)"],
                                capture_output=True, text=True, env={**env, "RAY_TMPDIR": str(Path(temp_dir).parent)},
                                timeout=120)
-        head = Path(temp_dir, "ray_current_cluster").read_text().strip()
-        assert head.endswith(f":{gcs}")
-        assert local.returncode == 0 and local.stdout.strip() not in ("", head), local.stderr[-2000:]
+        found = Path(temp_dir, "ray_current_cluster").read_text().strip()  # what Ray's own lookup would join
+        assert found.endswith(f":{gcs}")
+        assert local.returncode == 0 and local.stdout.strip() not in ("", found), local.stderr[-2000:]
     finally:
-        _stop_head(temp_dir)
+        head.kill()  # this head only: `ray stop` would also stop the Rays of other tests
+    assert not session_pids(head.session)  # no orphan left spinning (a leaked agent once burned a core for a minute)
     lines = submit.stdout.splitlines()
     assert re.fullmatch(r"Job \S+ succeeded", lines[-1]), lines[-5:]
     console = "\n".join(lines[1:-1])  # the job's own output, between submit.py's "submitted" and "succeeded" lines
