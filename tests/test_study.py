@@ -395,7 +395,7 @@ STARTUP_KILLS = (
 )
 
 
-@pytest.mark.slow(seconds=80)
+@pytest.mark.slow(seconds=95)
 def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_path):
     """SIGKILL at distinct instants of the start-up, each time a rerun: the end has one parent run, one FINISHED
     child run per configured trial, and another study's folder in the same storage is untouched."""
@@ -501,7 +501,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=65)
 def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running_head(tmp_path):
     """`ray_jobs/submit.py -- --smoke-test` on a running head: the embedded default's smoke test (ToyWorld models,
     built on first use; MLflow via mlflow.env and the environment) logs one parent and its trials, the runs explain
