@@ -81,8 +81,8 @@ def run_and_signal(command: list[str], folder: Path, when: Callable[[list[str]],
 def _tree(root: Path, inodes: bool) -> dict[str, tuple | None]:
     """{path relative to root: (inode, mtime) with `inodes`, else None} of everything under root (None too for a
     path gone before it was looked at). Both: a deleted file's inode number is often reused at once by the next file
-    created. os.scandir, not os.walk: this runs every 2 ms, and costs a third of os.walk's time (0.19 against 0.46 ms
-    on a study folder of 45 paths)."""
+    created. os.scandir, not os.walk: this runs every 2 ms, and takes under half of os.walk's time (0.19 against
+    0.46 ms of CPU on a study folder of 45 paths)."""
     found: dict[str, tuple | None] = {}
     stack = [("", str(root))]
     while stack:

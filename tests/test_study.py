@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -495,21 +494,15 @@ def test_a_trial_on_a_lost_node_resumes_on_the_other_from_its_last_epoch(tmp_pat
     assert first["resumed_at_epoch"] == first["epochs_before_kill"] + 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow(seconds=65)
 def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running_head(tmp_path):
     """`ray_jobs/submit.py -- --smoke-test` on a running head: the embedded default's smoke test (ToyWorld models,
     built on first use; MLflow via mlflow.env and the environment) logs one parent and its trials, the runs explain
     themselves, the Optuna storage holds what Tune finished, and the job's console ends on the summary."""
-    from studies.check_node_loss import session_pids, start_node
+    from studies.check_node_loss import free_port, session_pids, start_node
 
     env = _env(tmp_path)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # short: Ray's unix socket paths must stay < 108 bytes; `<RAY_TMPDIR>/ray`, where Ray looks for a running cluster
     temp_dir = str(Path(tempfile.mkdtemp(prefix="rj", dir="/tmp")) / "ray")
     head = start_node(["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
