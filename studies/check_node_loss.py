@@ -132,8 +132,9 @@ def _agent_ports() -> list[str]:
 def start_cluster(env: dict) -> Cluster:
     """A head and a second node, 1 CPU each, their temporary folders short (Ray's socket paths must stay < 108
     bytes)."""
-    address = f"127.0.0.1:{free_port()}"
-    head = start_node(["--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1", "--include-dashboard=false"],
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
                       tempfile.mkdtemp(prefix="nlh", dir="/tmp"), env)
     try:
         worker = start_node([f"--address={address}", "--num-cpus=1"], tempfile.mkdtemp(prefix="nlw", dir="/tmp"), env)
