@@ -394,16 +394,22 @@ STARTUP_KILLS = (
 )
 
 
-@pytest.mark.slow(seconds=95)
-def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_path):
-    """SIGKILL at distinct instants of the start-up, each time a rerun: the end has one parent run, one FINISHED
-    child run per configured trial, and another study's folder in the same storage is untouched."""
+@pytest.mark.slow(seconds=170)
+def test_a_study_on_uri_storage_survives_kills_at_startup_instants_kill_9_and_ctrl_c(tmp_path):
+    """On storage given as a URI (as for a cloud bucket), beside another study's folder, the same command:
+    SIGKILL at each instant of the start-up (never more than one parent run); kill -9 right after a trial finished;
+    Ctrl-C while a trial runs (exit 130, runs KILLED, the Optuna export written). The rerun resumes into the same
+    parent run and ends with one FINISHED child run per configured trial; trials finished before a kill were not run
+    again; the other study's folder is untouched. A failure after the parent run reopened ends it FAILED.
+    (One test, not two: each driver starts its own Ray, and the kills share the study's later rounds.)"""
+    from mlflow.tracking import MlflowClient
+
     from studies.check_resume_instants import first_match, folder_digest, run_and_signal
 
-    data = tiny_study(tmp_path, **{"search.num_samples": 4})
+    data = tiny_study(tmp_path, **{"search.num_samples": 4, "storage": f"file://{tmp_path}/uri"})
     command = [sys.executable, str(SWEEP), "--config", str(_write(tmp_path, data))]
-    folder, log, env = tmp_path / "runs" / "tiny", tmp_path / "rounds.log", _env(tmp_path)
-    sibling = tmp_path / "runs" / "other_study"
+    folder, log, env, db = tmp_path / "uri" / "tiny", tmp_path / "rounds.log", _env(tmp_path), tmp_path / "mlflow.db"
+    sibling = tmp_path / "uri" / "other_study"
     sibling.mkdir(parents=True)
     (sibling / "summary.json").write_text('{"best": 1}\n')
     sibling_before = folder_digest(sibling)
@@ -411,49 +417,31 @@ def test_study_survives_kills_at_startup_instants_with_one_run_per_trial(tmp_pat
     for pattern in STARTUP_KILLS:
         killed = run_and_signal(command, folder, first_match(pattern), env, log, renewed=True)
         assert killed["signalled_at"] is not None, (pattern, log.read_text()[-3000:])
-        assert len([r for r in _runs(tmp_path / "mlflow.db") if "mlflow.parentRunId" not in r.data.tags]) <= 1
+        assert len([r for r in _runs(db) if "mlflow.parentRunId" not in r.data.tags]) <= 1
 
-    # no "resuming" asserted: a kill may leave no complete Tune session (trials were asked but not yet saved), and
-    # then the rerun correctly starts Tune over
-    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db", must_resume=False)
-    assert folder_digest(sibling) == sibling_before
-
-
-@pytest.mark.slow(seconds=100)
-def test_study_on_uri_storage_survives_kill_9_and_ctrl_c_without_rerunning_finished_trials(tmp_path):
-    """On storage given as a URI (as for a cloud bucket): kill -9 right after a trial finished, then Ctrl-C while a
-    trial runs (exit 130, runs KILLED, the Optuna export written): the rerun resumes into the same parent run;
-    trials finished before a kill were not run again. A failure after the parent run reopened ends it FAILED."""
-    from mlflow.tracking import MlflowClient
-
-    from studies.check_resume_instants import first_match, run_and_signal
-
-    data = tiny_study(tmp_path, **{"search.num_samples": 4, "storage": f"file://{tmp_path}/uri"})
-    command = [sys.executable, str(SWEEP), "--config", str(_write(tmp_path, data))]
-    folder, log, env = tmp_path / "uri" / "tiny", tmp_path / "rounds.log", _env(tmp_path)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{db}")
     first = subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and not _finished_children(tmp_path / "mlflow.db"):
+    while time.time() < deadline and first.poll() is None and not _finished_children(db):
         time.sleep(0.05)
     assert first.poll() is None, log.read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)  # kill -9 right after a trial finished
     first.wait()
     _wait_until_still(folder)  # Ray's workers outlive their driver briefly: a late checkpoint is not the next run's
-    end_times = {run_id: client.get_run(run_id).info.end_time for run_id in _finished_children(tmp_path / "mlflow.db")}
+    end_times = {run_id: client.get_run(run_id).info.end_time for run_id in _finished_children(db)}
 
     interrupted = run_and_signal(command, folder, first_match("*/checkpoint_*/trial_state.json"), env, log,
                                  sig=signal.SIGINT)  # Ctrl-C while a trial runs
     assert interrupted["exit_code"] == 130, log.read_text()[-3000:]
-    parents = [r for r in _runs(tmp_path / "mlflow.db") if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in _runs(db) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["KILLED"]
-    assert not [r for r in _children(_runs(tmp_path / "mlflow.db")) if r.info.status == "RUNNING"]
-    finished = [r for r in _children(_runs(tmp_path / "mlflow.db")) if r.info.status == "FINISHED"]
+    assert not [r for r in _children(_runs(db)) if r.info.status == "RUNNING"]
+    finished = [r for r in _children(_runs(db)) if r.info.status == "FINISHED"]
     _assert_optuna_holds_what_tune_finished(folder, finished)  # exported by the interrupted run too
 
-    _assert_the_rerun_finishes_the_study(command, env, data, folder, tmp_path / "mlflow.db")
-    for run in _children(_runs(tmp_path / "mlflow.db")):  # trials finished before the kill were not run again
+    _assert_the_rerun_finishes_the_study(command, env, data, folder, db)
+    for run in _children(_runs(db)):  # trials finished before the kill were not run again
         if run.info.run_id in end_times:
             assert client.get_run(run.info.run_id).info.end_time == end_times[run.info.run_id]
     assert (folder / "caspl_study.json").exists()  # the study state lives in the URI storage
@@ -461,21 +449,20 @@ def test_study_on_uri_storage_survives_kill_9_and_ctrl_c_without_rerunning_finis
     (folder / "tuner.pkl").write_bytes(b"damaged")  # Tune cannot read its own state after the parent run reopened
     late = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert late.returncode == 1 and "Traceback" in late.stderr
-    runs = _runs(tmp_path / "mlflow.db")
+    runs = _runs(db)
     assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FAILED"]
     assert {r.info.status for r in _children(runs)} == {"FINISHED"}
+    assert folder_digest(sibling) == sibling_before
 
 
-def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path,
-                                        must_resume: bool = True) -> None:
-    """The same command again (resuming Tune's state, required when `must_resume`) ends with one parent run, one
-    FINISHED child run per configured trial, and the Optuna storage holding every finished trial."""
+def _assert_the_rerun_finishes_the_study(command: list[str], env: dict, data: dict, folder: Path, db: Path) -> None:
+    """The same command again resumes Tune's state and ends with one parent run, one FINISHED child run per
+    configured trial, and the Optuna storage holding every finished trial."""
     from studies.check_resume_instants import check_outcome
 
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    if must_resume:
-        assert "resuming" in rerun.stdout, rerun.stdout[-3000:]
+    assert "resuming" in rerun.stdout, rerun.stdout[-3000:]
     outcome = check_outcome(data, folder)
     assert all(outcome["checks"].values()), outcome
     _assert_optuna_holds_what_tune_finished(folder, _children(_runs(db)))
