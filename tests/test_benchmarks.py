@@ -84,3 +84,30 @@ def test_side_by_side_runs_are_valid_configs_of_their_command(run):
     if run == "boost":
         assert loaded.teacher.name == study["teacher"]["name"] and loaded.teacher_mode == "cached"
         assert loaded.optim.epochs == study["boost"]["optim"]["epochs"]
+
+
+def test_cpu_by_process_counts_a_burned_cpu_second_under_its_kind():
+    """`studies/cpu_by_process.py --smoke-test` (the sampler behind the README's CPU-by-process-kind table): a
+    process that burns one CPU second and then sleeps is counted under its own kind, with that second."""
+    done = subprocess.run([sys.executable, str(STUDIES / "cpu_by_process.py"), "--smoke-test", "--interval", "0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    burn = summary["kinds"]["smoke burn"]
+    assert burn["processes"] == 1 and 0.95 <= burn["cpu_seconds"] <= 1.3, summary
+    assert summary["total_cpu_seconds"] >= burn["cpu_seconds"] and summary["wall_seconds"] >= 2.5
+    assert "smoke burn" in done.stderr  # the table
+
+
+def test_process_kinds_follow_the_command_lines_ray_gives_its_processes():
+    from studies.cpu_by_process import OTHER, kind_of
+
+    assert kind_of("ray::MapWorker(MapBatches(TeacherActor)).submit") == "teacher actors"
+    assert kind_of("ray::ImplicitFunc.train") == "trials"
+    assert kind_of("ray::_StatsActor") == "Ray Data and Tune helper actors"
+    assert kind_of("/v/bin/python -u /v/lib/python3.11/site-packages/ray/_private/log_monitor.py --x") \
+        == "Ray's log monitors"
+    assert kind_of("/v/bin/python /v/lib/site-packages/ray/autoscaler/_private/monitor.py --x") \
+        == "Ray's autoscaler monitors"
+    assert kind_of("/v/bin/python studies/boost_sweep.py --config c.yaml") == "study drivers"
+    assert kind_of("/usr/bin/sleep 1") == OTHER
