@@ -70,13 +70,13 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
             return
 
         # trial compute (the overhead benchmark's), in wall and in this process's CPU seconds
-        began, began_cpu, reported = time.perf_counter(), time.process_time(), _REPORT_SECONDS[0]
+        began, began_cpu, reported = time.perf_counter(), time.process_time(), REPORTING.seconds
         trial = _Trial(study_cfg, params, seed, ArtifactStore(context["store"]), tracking, run_id, work, state,
                        trial_id)
         per_dataset = {data.dataset: trial.evaluate(data) for data in study_cfg.datasets}
         final = {"phase": "finished", "finished": True, "trial_id": trial_id,
                  "compute_seconds": time.perf_counter() - began, "compute_cpu_seconds": time.process_time() - began_cpu,
-                 "report_seconds": _REPORT_SECONDS[0] - reported,
+                 "report_seconds": REPORTING.seconds - reported,
                  "peak_rss_mb": peak_rss_mb(),
                  **average_scores(per_dataset)}
         if len(per_dataset) > 1:
@@ -296,7 +296,23 @@ def _restore(work: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-_REPORT_SECONDS = [0.0]  # this process's seconds inside tune.report: the checkpoint copy and Tune's hand-off
+class _Stopwatch:
+    """Seconds summed over the timed calls of this process. Tune reuses a trial's process for the next trial, so a
+    trial reads the difference over its own span."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - began
+
+
+REPORTING = _Stopwatch()  # inside tune.report: the checkpoint copy and Tune's hand-off
 
 
 def _report(work: Path, state: dict, metrics: dict) -> None:
@@ -305,9 +321,8 @@ def _report(work: Path, state: dict, metrics: dict) -> None:
     from ray import tune
 
     (work / TRIAL_STATE).write_text(json.dumps(state))
-    began = time.perf_counter()
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work)))
-    _REPORT_SECONDS[0] += time.perf_counter() - began
+    with REPORTING.timing():
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work)))
 
 
 def _run_name(params: dict, seed: int) -> str:
