@@ -23,26 +23,28 @@ import sys
 import time
 from pathlib import Path
 
-# (kind, patterns): the first kind with a pattern in a process's command line wins, so the order matters
+# (kind, patterns): a process is of the first kind with a pattern in its program (see `program`); order matters
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("teacher actors", ("TeacherActor",)),
     ("trials", ("ray::ImplicitFunc",)),
     ("Ray Train workers and controller", ("ray::RayTrainWorker", "ray::TrainController")),
     ("Ray Data and Tune helper actors", ("ray::_", "ray::ActorLocationTracker", "ray::SplitCoordinator")),
-    ("Ray's agents", ("DashboardAgent", "RuntimeEnvAgent")),
+    ("Ray's agents", ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/")),
     ("Ray's idle workers", ("ray::IDLE",)),
     ("other Ray workers", ("ray::",)),
-    ("Ray's log monitors", ("log_monitor",)),
-    ("Ray's dashboards", ("dashboard",)),
-    ("Ray's autoscaler monitors", ("monitor.py",)),
-    ("raylets", ("raylet",)),
-    ("GCS servers", ("gcs_server",)),
-    ("study drivers", ("boost_sweep.py",)),
-    ("xdist workers", ("import sys;exec(",)),
-    ("pytest", ("pytest",)),
+    ("Ray's dashboards", ("dashboard/dashboard.py", "ray-dashboard-")),
+    ("Ray's log monitors", ("_private/log_monitor.py",)),
+    ("Ray's autoscaler monitors", ("autoscaler/_private/monitor.py",)),
+    ("raylets", ("/raylet",)),
+    ("GCS servers", ("/gcs_server",)),
+    ("Ray Client servers", ("-m ray.util.client.server",)),
+    ("Ray's command line", ("bin/ray",)),
+    ("study drivers", ("studies/boost_sweep.py",)),
     ("other studies/ scripts", ("studies/",)),
-    ("caspl commands", ("caspl.cli", "bin/caspl ")),
-    ("multiprocessing children", ("from multiprocessing",)),
+    ("caspl commands", ("-m caspl.cli", "bin/caspl")),
+    ("xdist workers", ("-c import sys;exec(",)),
+    ("pytest", ("pytest",)),
+    ("multiprocessing children", ("-c from multiprocessing",)),
 )
 OTHER = "other"
 SMOKE_BURN = """# cpu_by_process smoke burn
@@ -54,13 +56,30 @@ time.sleep(1.5)
 """
 
 
-def kind_of(command_line: str, kinds: tuple[tuple[str, tuple[str, ...]], ...] = KINDS) -> str:
-    return next((kind for kind, patterns in kinds if any(p in command_line for p in patterns)), OTHER)
+def program(argv: list[str]) -> str:
+    """What a process runs: Ray's title of its worker ("ray::IDLE"), a Python process's script, `-m module` or
+    `-c <first line of the code>`, or else the executable. Not the rest of the command line: arguments (a raylet's
+    worker commands, the code of `python -c`) would match other kinds' patterns."""
+    if not argv:
+        return ""
+    if not os.path.basename(argv[0]).startswith("python"):
+        return argv[0]
+    rest = argv[1:]
+    while rest and rest[0].startswith("-") and rest[0] not in ("-c", "-m"):
+        rest = rest[2:] if rest[0] in ("-X", "-W") else rest[1:]
+    if rest[:1] == ["-c"] and len(rest) > 1:
+        return "-c " + next((line.strip() for line in rest[1].splitlines() if line.strip()), "")
+    return " ".join(rest[:2]) if rest[:1] == ["-m"] else " ".join(rest[:1])
 
 
-def read_processes() -> dict[int, tuple[float, str]]:
-    """pid -> (CPU seconds so far, command line) for every process this user can read. The command line of a
-    kernel thread, or of a process that has ended and not been waited for yet, is its name in parentheses."""
+def kind_of(argv: list[str], kinds: tuple[tuple[str, tuple[str, ...]], ...] = KINDS) -> str:
+    found = program(argv)
+    return next((kind for kind, patterns in kinds if any(p in found for p in patterns)), OTHER)
+
+
+def read_processes() -> dict[int, tuple[float, list[str]]]:
+    """pid -> (CPU seconds so far, command line) for every process this user can read. A kernel thread, or a
+    process that has ended and not been waited for yet, has an empty command line."""
     ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for entry in os.scandir("/proc"):
@@ -68,12 +87,12 @@ def read_processes() -> dict[int, tuple[float, str]]:
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
-            command = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:  # ended meanwhile, or not ours to read
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) ": state is field 3 of stat(5)
         cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        found[int(entry.name)] = (cpu, command or stat[stat.index("("):stat.rindex(")") + 1])
+        found[int(entry.name)] = (cpu, [arg for arg in argv if arg] if argv[0] else [])
     return found
 
 
@@ -83,15 +102,15 @@ def profile(command: list[str], interval: float, kinds: tuple[tuple[str, tuple[s
         raise SystemExit("cpu_by_process: needs Linux's /proc")
     baseline = {pid: cpu for pid, (cpu, _) in read_processes().items()}
     used: dict[int, float] = {}
-    names: dict[int, str] = {}
+    names: dict[int, list[str]] = {}
     began = time.time()
     proc = subprocess.Popen(command)
     while True:
-        for pid, (cpu, line) in read_processes().items():
+        for pid, (cpu, argv) in read_processes().items():
             if pid != os.getpid():
                 used[pid] = cpu - baseline.get(pid, 0.0)
-                if not line.startswith("(") or pid not in names:  # a process that ended keeps its command line
-                    names[pid] = line
+                if argv or pid not in names:  # a process that ended keeps its command line
+                    names[pid] = argv
         if proc.poll() is not None:
             break
         time.sleep(interval)

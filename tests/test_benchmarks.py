@@ -99,15 +99,18 @@ def test_cpu_by_process_counts_a_burned_cpu_second_under_its_kind():
     assert "smoke burn" in done.stderr  # the table
 
 
-def test_process_kinds_follow_the_command_lines_ray_gives_its_processes():
+def test_process_kinds_follow_what_each_process_runs_not_its_arguments():
     from studies.cpu_by_process import OTHER, kind_of
 
-    assert kind_of("ray::MapWorker(MapBatches(TeacherActor)).submit") == "teacher actors"
-    assert kind_of("ray::ImplicitFunc.train") == "trials"
-    assert kind_of("ray::_StatsActor") == "Ray Data and Tune helper actors"
-    assert kind_of("/v/bin/python -u /v/lib/python3.11/site-packages/ray/_private/log_monitor.py --x") \
-        == "Ray's log monitors"
-    assert kind_of("/v/bin/python /v/lib/site-packages/ray/autoscaler/_private/monitor.py --x") \
-        == "Ray's autoscaler monitors"
-    assert kind_of("/v/bin/python studies/boost_sweep.py --config c.yaml") == "study drivers"
-    assert kind_of("/usr/bin/sleep 1") == OTHER
+    python, ray = "/v/bin/python", "/v/lib/python3.11/site-packages/ray"
+    assert kind_of(["ray::MapWorker(MapBatches(TeacherActor)).submit"]) == "teacher actors"
+    assert kind_of(["ray::ImplicitFunc.train"]) == "trials"
+    assert kind_of(["ray::_StatsActor"]) == "Ray Data and Tune helper actors"
+    assert kind_of([python, "-u", f"{ray}/_private/log_monitor.py", "--session-dir=/tmp/ray/s"]) == "Ray's log monitors"
+    assert kind_of([python, "-u", f"{ray}/autoscaler/_private/monitor.py"]) == "Ray's autoscaler monitors"
+    assert kind_of([f"{ray}/core/src/ray/raylet/raylet", "--dashboard_agent_command=python dashboard/agent.py"]) \
+        == "raylets"  # not a dashboard for naming one in its arguments
+    assert kind_of([python, "studies/boost_sweep.py", "--config", "c.yaml"]) == "study drivers"
+    assert kind_of([python, "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))"]) == "xdist workers"
+    assert kind_of([python, "-c", "\nimport ray\nray.init(include_dashboard=True)  # TeacherActor"]) == OTHER
+    assert kind_of(["/usr/bin/sleep", "1"]) == OTHER and kind_of([]) == OTHER
