@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +42,21 @@ RAY = str(Path(sys.executable).parent / "ray")
 KILL_AFTER_EPOCHS = 2
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int, avoid: Iterable[int] = ()) -> list[int]:
+    """`count` distinct ports that are free now, none in `avoid`. The sockets stay bound until all are found: a port
+    released at once may be handed out again by the next bind (two of a node's ports once came out equal)."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            sockets.append(socket.socket())
+            sockets[-1].bind(("127.0.0.1", 0))
+            port = sockets[-1].getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
 
 
 @dataclass
@@ -100,7 +113,8 @@ def session_pids(session: int) -> list[int]:
 
 def start_node(args: list[str], temp_dir: str, env: dict) -> Node:
     """`ray start ARGS --temp-dir=TEMP_DIR` in a new session (whose id is the pid of `ray start`)."""
-    command = [RAY, "start", *args, "--disable-usage-stats", f"--temp-dir={temp_dir}", *_agent_ports()]
+    taken = {int(port) for port in re.findall(r"port=(\d+)", " ".join(args))}  # --port, --dashboard-port
+    command = [RAY, "start", *args, "--disable-usage-stats", f"--temp-dir={temp_dir}", *_agent_ports(taken)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     out, _ = proc.communicate(timeout=180)
@@ -123,16 +137,18 @@ class Cluster:
             node.kill()
 
 
-def _agent_ports() -> list[str]:
-    """Free ports for a node's agents: another Ray on this machine may hold the defaults."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+def _agent_ports(taken: set[int]) -> list[str]:
+    """Free ports for a node's agents, none of those `taken` by its other flags: another Ray on this machine may
+    hold the defaults."""
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port")
+    return [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags), avoid=taken))]
 
 
 def start_cluster(env: dict) -> Cluster:
     """A head and a second node, 1 CPU each, their temporary folders short (Ray's socket paths must stay < 108
     bytes)."""
-    port = free_port()
+    (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
                       tempfile.mkdtemp(prefix="nlh", dir="/tmp"), env)

@@ -481,15 +481,26 @@ def test_a_trial_on_a_lost_node_resumes_on_the_other_from_its_last_epoch(tmp_pat
     assert first["resumed_at_epoch"] == first["epochs_before_kill"] + 1
 
 
+def test_a_nodes_ports_are_distinct_and_never_one_its_flags_already_name():
+    """`ray start --port=P` with an agent port also P fails: the agents' free ports avoid the node's own flags'
+    and are chosen together (a port released by one pick could come back from the next)."""
+    from studies.check_node_loss import _agent_ports, free_ports
+
+    for _ in range(100):
+        (gcs,) = free_ports(1)  # released at once, as when the head's port is picked before its agents' ports
+        agents = [int(flag.split("=")[1]) for flag in _agent_ports({gcs})]
+        assert len(set(agents)) == 4 and gcs not in agents
+
+
 @pytest.mark.slow(seconds=65)
 def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running_head(tmp_path):
     """`ray_jobs/submit.py -- --smoke-test` on a running head: the embedded default's smoke test (ToyWorld models,
     built on first use; MLflow via mlflow.env and the environment) logs one parent and its trials, the runs explain
     themselves, the Optuna storage holds what Tune finished, and the job's console ends on the summary."""
-    from studies.check_node_loss import free_port, session_pids, start_node
+    from studies.check_node_loss import free_ports, session_pids, start_node
 
     env = _env(tmp_path)
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard = free_ports(2)
     # short: Ray's unix socket paths must stay < 108 bytes; `<RAY_TMPDIR>/ray`, where Ray looks for a running cluster
     temp_dir = str(Path(tempfile.mkdtemp(prefix="rj", dir="/tmp")) / "ray")
     head = start_node(["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
