@@ -37,9 +37,11 @@ def smoke_overrides(data: dict) -> dict:
         optim.update({"epochs": 2, "warmup_epochs": 1})
     data["adapt"]["shots"] = min(int(data["adapt"].get("shots", 4)), 4)
     data["methods"] = data.get("methods", ["coop"])[:2]
+    from caspl.train.toyworld_pretrain import with_smoke_weights
+
     for role in ("student", "teacher"):  # ToyWorld weights from the smoke recipes: seconds instead of minutes
-        if isinstance(data.get(role), dict) and data[role].get("pretrained") == "toyworld":
-            data[role] = {**data[role], "pretrained": "toyworld-smoke"}
+        if isinstance(data.get(role), dict):
+            data[role] = with_smoke_weights(data[role])
     return data
 
 

@@ -63,6 +63,7 @@ def method_config(args: argparse.Namespace, method: str, dataset: str):
     """The ToyWorld config of `method`, pointed at `dataset` (tiny budgets for the smoke test)."""
     from caspl.config import from_dict, load_yaml
     from caspl.train.adapt import AdaptRunConfig
+    from caspl.train.toyworld_pretrain import with_smoke_weights
 
     data = load_yaml(Path(args.configs) / f"{method}_toy.yaml")
     data["method"] = init_from_template_of(data["method"], data["data"]["dataset"], dataset)
@@ -72,9 +73,8 @@ def method_config(args: argparse.Namespace, method: str, dataset: str):
         data["shots"], data["val_shots"] = 4, None
         data["optim"] = {**data["optim"], "epochs": 2}
         data["boost"] = {**data["boost"], "optim": {**data["boost"]["optim"], "epochs": 2}}
-        for model in (data["student"], data["boost"]["teacher"]):  # ToyWorld weights from the smoke recipes
-            if model.get("pretrained") == "toyworld":
-                model["pretrained"] = "toyworld-smoke"
+        data["student"] = with_smoke_weights(data["student"])  # ToyWorld weights from the smoke recipes
+        data["boost"]["teacher"] = with_smoke_weights(data["boost"]["teacher"])
     return from_dict(AdaptRunConfig, data)
 
 
