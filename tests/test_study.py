@@ -394,7 +394,7 @@ STARTUP_KILLS = (
 )
 
 
-@pytest.mark.slow(seconds=170)
+@pytest.mark.slow(seconds=140)
 def test_a_study_on_uri_storage_survives_kills_at_startup_instants_kill_9_and_ctrl_c(tmp_path):
     """On storage given as a URI (as for a cloud bucket), beside another study's folder, the same command:
     SIGKILL at each instant of the start-up (never more than one parent run); kill -9 right after a trial finished;
