@@ -27,6 +27,8 @@ DEFAULT_CONFIG = REPO / "studies" / "configs" / "study" / "toy_default.yaml"
 
 def smoke_overrides(data: dict) -> dict:
     """Shrink any study to a few tiny trials: the same code paths, a CI-sized budget."""
+    from caspl.train.toyworld_pretrain import with_smoke_weights
+
     data = copy.deepcopy(data)
     data["name"] = f"{data.get('name', 'study')}-smoke"
     search = data.setdefault("search", {})
@@ -37,8 +39,6 @@ def smoke_overrides(data: dict) -> dict:
         optim.update({"epochs": 2, "warmup_epochs": 1})
     data["adapt"]["shots"] = min(int(data["adapt"].get("shots", 4)), 4)
     data["methods"] = data.get("methods", ["coop"])[:2]
-    from caspl.train.toyworld_pretrain import with_smoke_weights
-
     for role in ("student", "teacher"):  # ToyWorld weights from the smoke recipes: seconds instead of minutes
         if isinstance(data.get(role), dict):
             data[role] = with_smoke_weights(data[role])

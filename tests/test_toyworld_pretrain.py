@@ -183,3 +183,15 @@ def test_contrastive_loss_counts_identical_captions_as_positives():
 
     expected = (soft_ce(logits.log_softmax(1)) + soft_ce(logits.T.log_softmax(1))) / 2
     assert tp.contrastive_loss(images, texts, scale, ["a", "a", "c"]).item() == pytest.approx(expected.item())
+
+
+def test_smoke_overrides_swap_only_toyworld_weights_for_the_smoke_recipes():
+    """The study's and the toy table's smoke tests train on `toyworld-smoke` weights; other weights stay as given."""
+    from caspl.config import load_yaml
+    from studies.boost_sweep import DEFAULT_CONFIG, smoke_overrides
+
+    study = smoke_overrides(load_yaml(DEFAULT_CONFIG))
+    assert study["student"]["pretrained"] == study["teacher"]["pretrained"] == "toyworld-smoke"
+    tagged = {"name": "ViT-B-16", "pretrained": "openai"}
+    assert tp.with_smoke_weights(tagged) == tagged
+    assert tp.with_smoke_weights({"name": "caspl-tiny"}) == {"name": "caspl-tiny"}
