@@ -77,9 +77,10 @@ def kind_of(argv: list[str], kinds: tuple[tuple[str, tuple[str, ...]], ...] = KI
     return next((kind for kind, patterns in kinds if any(p in found for p in patterns)), OTHER)
 
 
-def read_processes() -> dict[int, tuple[float, list[str]]]:
-    """pid -> (CPU seconds so far, command line) for every process this user can read. A kernel thread, or a
-    process that has ended and not been waited for yet, has an empty command line."""
+def read_processes() -> dict[tuple[int, int], tuple[float, list[str]]]:
+    """(pid, start time) -> (CPU seconds so far, command line) for every process this user can read. The start time
+    tells a process from a later one that got the same pid (pids wrap at 32768 here). A kernel thread, or a process
+    that has ended and not been waited for yet, has an empty command line."""
     ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for entry in os.scandir("/proc"):
@@ -92,7 +93,7 @@ def read_processes() -> dict[int, tuple[float, list[str]]]:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) ": state is field 3 of stat(5)
         cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        found[int(entry.name)] = (cpu, [arg for arg in argv if arg] if argv[0] else [])
+        found[(int(entry.name), int(fields[19]))] = (cpu, [arg for arg in argv if arg] if argv[0] else [])
     return found
 
 
@@ -100,31 +101,31 @@ def profile(command: list[str], interval: float, kinds: tuple[tuple[str, tuple[s
     """Run `command`; CPU seconds and process counts by kind over its run."""
     if not Path("/proc/self/stat").exists():
         raise SystemExit("cpu_by_process: needs Linux's /proc")
-    baseline = {pid: cpu for pid, (cpu, _) in read_processes().items()}
-    used: dict[int, float] = {}
-    names: dict[int, list[str]] = {}
+    baseline = {process: cpu for process, (cpu, _) in read_processes().items()}
+    used: dict[tuple[int, int], float] = {}
+    names: dict[tuple[int, int], list[str]] = {}
     began = time.time()
     proc = subprocess.Popen(command)
     while True:
-        for pid, (cpu, argv) in read_processes().items():
-            if pid != os.getpid():
-                used[pid] = cpu - baseline.get(pid, 0.0)
-                if argv or pid not in names:  # a process that ended keeps its command line
-                    names[pid] = argv
+        for process, (cpu, argv) in read_processes().items():
+            if process[0] != os.getpid():
+                used[process] = cpu - baseline.get(process, 0.0)
+                if argv or process not in names:  # a process that ended keeps its command line
+                    names[process] = argv
         if proc.poll() is not None:
             break
         time.sleep(interval)
     wall = time.time() - began
     by_kind: dict[str, dict] = {}
-    for pid, cpu in used.items():
+    for process, cpu in used.items():
         if cpu <= 0:
             continue
-        row = by_kind.setdefault(kind_of(names[pid], kinds), {"cpu_seconds": 0.0, "processes": 0})
+        row = by_kind.setdefault(kind_of(names[process], kinds), {"cpu_seconds": 0.0, "processes": 0})
         row["cpu_seconds"] += cpu
         row["processes"] += 1
     ordered = dict(sorted(((k, {"cpu_seconds": round(v["cpu_seconds"], 1), "processes": v["processes"]})
                            for k, v in by_kind.items()), key=lambda kv: -kv[1]["cpu_seconds"]))
-    return {"kinds": ordered, "total_cpu_seconds": round(sum(used[p] for p in used if used[p] > 0), 1),
+    return {"kinds": ordered, "total_cpu_seconds": round(sum(cpu for cpu in used.values() if cpu > 0), 1),
             "wall_seconds": round(wall, 1), "exit_code": proc.returncode, "interval": interval}
 
 
