@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,6 +96,13 @@ class Node:
             time.sleep(0.05)
         return sorted(killed)
 
+    def stop(self) -> None:
+        """Kill the node, then delete its temporary folder (made for this node alone: its logs and sockets), unless
+        a process of the node outlived the kill."""
+        self.kill()
+        if not session_pids(self.session):
+            shutil.rmtree(Path(self.temp_dir).resolve(), ignore_errors=True)
+
 
 def session_pids(session: int) -> list[int]:
     """Pids of the live processes in a session (Linux /proc; zombies, dead but not yet reaped, left out)."""
@@ -120,7 +128,7 @@ def start_node(args: list[str], temp_dir: str, env: dict) -> Node:
     out, _ = proc.communicate(timeout=180)
     node = Node(temp_dir, proc.pid)
     if proc.returncode != 0:
-        node.kill()
+        node.stop()
         raise RuntimeError(f"{' '.join(command)} failed:\n{out[-3000:]}")
     return node
 
@@ -132,9 +140,9 @@ class Cluster:
     worker: Node
 
     def stop(self) -> None:
-        """Kill both nodes (`ray stop` would stop every Ray on this machine)."""
+        """Kill both nodes and delete their temporary folders (`ray stop` would stop every Ray on this machine)."""
         for node in (self.worker, self.head):
-            node.kill()
+            node.stop()
 
 
 def _agent_ports(taken: set[int]) -> list[str]:
@@ -155,7 +163,7 @@ def start_cluster(env: dict) -> Cluster:
     try:
         worker = start_node([f"--address={address}", "--num-cpus=1"], tempfile.mkdtemp(prefix="nlw", dir="/tmp"), env)
     except BaseException:
-        head.kill()
+        head.stop()
         raise
     return Cluster(address, head, worker)
 

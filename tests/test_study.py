@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -522,6 +523,7 @@ def test_ray_job_submit_runs_the_smoke_test_of_the_embedded_default_on_a_running
     finally:
         head.kill()  # this head only: `ray stop` would also stop the Rays of other tests
     assert not session_pids(head.session)  # no orphan left (a leaked agent once burned 42.7 CPU s in 48 s)
+    shutil.rmtree(Path(temp_dir).parent)  # the folder this test made for its head
     lines = submit.stdout.splitlines()
     assert re.fullmatch(r"Job \S+ succeeded", lines[-1]), lines[-5:]
     console = "\n".join(lines[1:-1])  # the job's own output, between submit.py's "submitted" and "succeeded" lines
