@@ -107,13 +107,13 @@ SMOKE_RECIPES: dict[str, Recipe] = {name: replace(recipe, steps=min(40, max(10, 
 SOURCES = {"toyworld": RECIPES, "toyworld-smoke": SMOKE_RECIPES}  # weight source name -> its recipes
 
 
+# ------------------------------------------------------------------------------------------------------- public
 def with_smoke_weights(model: dict) -> dict:
     """A config's model entry (name, pretrained, ...) with ToyWorld weights from the smoke recipes instead of the full
     ones; an entry with any other weights, unchanged."""
     return {**model, "pretrained": "toyworld-smoke"} if model.get("pretrained") == "toyworld" else model
 
 
-# ------------------------------------------------------------------------------------------------------- public
 def model_key(name: str, recipe: Recipe) -> str:
     """The content key of `name` pretrained by `recipe`. info.json holds zero-shot results on the recipe's evaluation
     datasets, so their definitions are part of the key: a redefined dataset is never reported with stale numbers."""
