@@ -190,3 +190,28 @@ def test_a_trial_stopped_between_its_final_report_and_mlflow_is_finished_from_it
     assert runs["cut"].info.status == "FINISHED"
     assert runs["cut"].data.metrics == {"val_hm": 12.35, "test_hm": 7.89}  # as shown: 2 decimals
     assert runs["running"].info.status == "RUNNING" and not runs["running"].data.metrics
+
+
+def test_a_trials_next_attempt_empties_the_scratch_folder_a_killed_attempt_left(tmp_path, monkeypatch):
+    """A killed trial process cannot remove its scratch folder; the next attempt of the same trial of the same study
+    does. Other trials' and other studies' folders, and a link in the folder's place, are left alone."""
+    import tempfile
+
+    from caspl.study.trial import trial_work_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    parent, other_parent = "a" * 32, "b" * 32
+    killed = trial_work_folder(parent, "t1")
+    (killed / "trial_state.json").write_text("{}")
+    for folder in (trial_work_folder(parent, "t2"), trial_work_folder(other_parent, "t1")):
+        (folder / "trial_state.json").write_text("{}")
+    again = trial_work_folder(parent, "t1")
+    assert again == killed and list(again.iterdir()) == []
+    assert len(list(tmp_path.glob("caspl-trial-*/trial_state.json"))) == 2
+
+    target = tmp_path / "not_a_trials"
+    target.mkdir()
+    (target / "keep").write_text("1")
+    (tmp_path / f"caspl-trial-{'c' * 12}-t1").symlink_to(target)
+    fresh = trial_work_folder("c" * 32, "t1")
+    assert fresh.is_dir() and fresh.parent == tmp_path and not fresh.is_symlink() and (target / "keep").exists()

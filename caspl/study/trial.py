@@ -9,6 +9,7 @@ crash continues both its training and its MLflow run (no duplicate runs).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -49,7 +50,7 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
     adapt_cfg = from_dict(AdaptRunConfig, adapt_dict, "adapt")
     tracking = TrackingSettings(**context["tracking"])
     trial_id = tune.get_context().get_trial_id()
-    work = Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
+    work = trial_work_folder(context["parent_run_id"], trial_id)
     state = _restore(work)
 
     run_id = trial_run(tracking, context["parent_run_id"], trial_id, _run_name(params, seed),
@@ -279,6 +280,19 @@ def checkpoint_state(checkpoint) -> dict:
             return json.loads(path.read_text()) if path.exists() else {}
     except (FileNotFoundError, ValueError):
         return {}
+
+
+def trial_work_folder(parent_run_id: str, trial_id: str) -> Path:
+    """An empty scratch folder for this attempt of the trial. Its name is the trial's within the study (the parent
+    run's id), so an attempt removes what a killed or failed attempt of the same trial left on this machine."""
+    path = Path(tempfile.gettempdir()) / f"caspl-trial-{parent_run_id[:12]}-{trial_id}"
+    if path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+        shutil.rmtree(path)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:  # not ours to remove (another user's, or a link): a folder of its own, as before
+        return Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
+    return path
 
 
 def _restore(work: Path) -> dict:
