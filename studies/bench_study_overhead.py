@@ -40,7 +40,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +52,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from studies.boost_sweep import DEFAULT_CONFIG, smoke_overrides  # noqa: E402
+from studies.scratch import ScratchFolders  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what --side-by-side times: CoOp adapting (default), or the study's boosting on its "
                              "cached teacher")
     parser.add_argument("--smoke-test", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the runs' work folders (studies, MLflow, stores)")
     return parser.parse_args(argv)
 
 
@@ -167,26 +168,28 @@ def row(label: str, summary: dict, wall: float, data: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _prebuild_models(args)
-    rows = []
-    for scale in args.image_scale:
-        for slots in [c for c in args.slots if c > 0] if args.slots else [None]:  # --slots 0: no study
-            work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
-            data = study_data(args, slots, scale, work)
-            summary, wall = run_local(copy.deepcopy(data))
-            rows.append(row(f"local slots={summary['max_concurrent']} images x{scale}", summary, wall, data))
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    side = side_by_side(args) if args.side_by_side else None
-    if args.two_node:
-        _stop_local_ray()
-        work = Path(tempfile.mkdtemp(prefix="caspl-bench-study-"))
-        data = study_data(args, 2, 1, work)
-        summary, wall = run_two_node(data, work)
-        rows.append(row("two nodes x 1 CPU, slots=2", summary, wall, data))
-    print(json.dumps({"runs": rows, "ratios": ratios(rows), **({"side_by_side": side} if side else {})}))
+    with ScratchFolders(args.keep) as scratch:
+        rows = []
+        for scale in args.image_scale:
+            for slots in [c for c in args.slots if c > 0] if args.slots else [None]:  # --slots 0: no study
+                work = scratch.make("caspl-bench-study-")
+                data = study_data(args, slots, scale, work)
+                summary, wall = run_local(copy.deepcopy(data))
+                rows.append(row(f"local slots={summary['max_concurrent']} images x{scale}", summary, wall, data))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+        side = side_by_side(args, scratch) if args.side_by_side else None
+        if args.two_node:
+            _stop_local_ray()
+            work = scratch.make("caspl-bench-study-")
+            data = study_data(args, 2, 1, work)
+            summary, wall = run_two_node(data, work)
+            rows.append(row("two nodes x 1 CPU, slots=2", summary, wall, data))
+        print(json.dumps({"runs": rows, "ratios": ratios(rows), **({"side_by_side": side} if side else {}),
+                          "scratch": scratch.summary()}))
     return 0 if all(r["errored"] == 0 for r in rows) else 1
 
 
-def side_by_side(args) -> dict:
+def side_by_side(args, scratch: ScratchFolders) -> dict:
     """Are two CPU-bound trials side by side slower by themselves? One run timed alone and two at once, rounds
     interleaved, each process with its own fresh store (the ToyWorld models, and for boosting the teacher cache,
     linked in): `caspl adapt` of CoOp (the toy config on the study's dataset and student, no boosting), or
@@ -195,7 +198,7 @@ def side_by_side(args) -> dict:
     from caspl.config import load_yaml
 
     study = smoke_overrides(load_yaml(args.config)) if args.smoke_test else load_yaml(args.config)
-    config = Path(tempfile.mkdtemp(prefix="caspl-bench-side-")) / f"{args.side_by_side_run}.yaml"
+    config = scratch.make("caspl-bench-side-") / f"{args.side_by_side_run}.yaml"
     config.write_text(yaml.safe_dump(_side_config(args, study)))
     main_store = ArtifactStore().root
     if args.side_by_side_run == "boost":  # the teacher cache is an input, as in a study's trials: built once here
@@ -206,7 +209,7 @@ def side_by_side(args) -> dict:
         linked = ("toyworld_models",)
 
     def start() -> tuple[subprocess.Popen, float]:
-        store = Path(tempfile.mkdtemp(prefix="caspl-bench-side-store-"))
+        store = scratch.make("caspl-bench-side-store-")
         for name in linked:
             if (main_store / name).is_dir():  # none to link for weights given as files
                 (store / name).mkdir()

@@ -19,9 +19,10 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -32,6 +33,7 @@ from caspl.config import from_dict  # noqa: E402
 from caspl.data.base import load_image  # noqa: E402
 from caspl.data.views import stack_views  # noqa: E402
 from caspl.train.boost import BoostRunConfig, teacher_source, prepare_boost, train_boost, view_of  # noqa: E402
+from studies.scratch import ScratchFolders  # noqa: E402
 
 
 def config(args, mode: str, temperature: float = 1.0) -> BoostRunConfig:
@@ -75,13 +77,20 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--store", default=None, help="artefact store (default: a temporary folder)")
+    parser.add_argument("--store", default=None, help="artefact store (default: a temporary one, deleted at the end)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary artefact store")
     args = parser.parse_args()
     if args.smoke_test:
         args.images_per_class, args.repeats = 4, 1
     torch.set_num_threads(args.threads)
-    store = ArtifactStore(args.store or tempfile.mkdtemp(prefix="caspl-bench-"))
+    with ScratchFolders(args.keep) as scratch:
+        store = ArtifactStore(args.store or scratch.make("caspl-bench-"))
+        result = measure(args, store)
+        print(json.dumps({**result, "scratch": scratch.summary()}))
+    return 0
 
+
+def measure(args, store: ArtifactStore) -> dict:
     cached_cfg, online_cfg = config(args, "cached"), config(args, "online")
     inputs, first = prepare_boost(cached_cfg, store, progress=False)
     trial_builds = [prepare_boost(config(args, "cached", t), store, progress=False)[1] for t in (0.5, 2.0, 4.0)]
@@ -103,8 +112,7 @@ def main() -> int:
     }
     print(f"teacher alone {teacher:.2f}s | cached epoch {student:.2f}s | online epoch {online:.2f}s | "
           f"speed-up {speedup:.2f} of ideal {ideal:.2f} ({speedup / ideal:.0%})", file=sys.stderr)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
