@@ -2,7 +2,8 @@
 
 Each run is a fresh study (the embedded default, or --config) with its own Tune storage, SQLite MLflow store and
 artefact store (so boosting and adapting run instead of being reused; the ToyWorld models are an input and are
-built before the clock starts). For a run with c = search.max_concurrent trial slots:
+built before the clock starts), run as users run it: `python studies/boost_sweep.py` in a process of its own, timed
+from that process's start to its exit. For a run with c = search.max_concurrent trial slots:
 
     used            = Σ trial compute (boosting + adapting + evaluation, timed inside each trial)
                       + c × teacher-cache build (it occupies the machine before trials start)
@@ -10,11 +11,12 @@ built before the clock starts). For a run with c = search.max_concurrent trial s
     fraction        = used / available                    (target >= 0.85)
     trials_per_hour = finished trials / wall hours
     peak_rss_mb     = the largest peak resident memory a trial process reported (student, cached logits, images)
-    phase_seconds   = where the wall time went: checks, Ray start, models, teacher cache, parent run, Tune, summary,
-                      Ray shutdown (the study's own timings)
-    driver_cpu_seconds, machine_cpu_seconds = CPU spent by the driver process, and by the whole machine (Linux)
-                      during the run: the part that is not trial compute competes with the trials once slots fill
-                      the cores
+    phase_seconds   = where the wall time went: checks, Ray start, models, teacher cache, parent run, Tune (the
+                      study's own timings, from its summary.json) and the other seconds of the process: its start
+                      and imports, the summary, Ray's shutdown
+    driver_cpu_seconds, machine_cpu_seconds = CPU spent by the driver process (from its start to the summary, its
+                      imports included), and by the whole machine (Linux) during the run: the part that is not
+                      trial compute competes with the trials once slots fill the cores
     trial_compute_cpu_seconds = Σ the trial processes' CPU seconds over the same spans as trial compute: wall
                       above CPU is time a trial waited (for a core, a lock, the disk)
     trial_report_seconds = Σ seconds the trials spent inside tune.report (checkpoint copy and Tune's hand-off)
@@ -33,7 +35,6 @@ Runs go one after the other (same seeds and trial count). The last line of stdou
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import os
@@ -96,17 +97,21 @@ def _default_n_train() -> int:
     return inspect.signature(load_toyworld).parameters["n_train"].default
 
 
-def run_local(data: dict) -> tuple[dict, float]:
-    import resource
-
-    from caspl.study.config import load_study_config
-    from caspl.study.runner import run_study
-
-    began, machine, driver = time.time(), machine_cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
-    summary = run_study(load_study_config(data), REPO, fresh=True, log=lambda line: print(line, file=sys.stderr))
-    wall = time.time() - began  # wall includes Ray start-up and everything before the first trial
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    summary["driver_cpu_seconds"] = round(after.ru_utime + after.ru_stime - driver.ru_utime - driver.ru_stime, 1)
+def run_study_process(data: dict, work: Path, env: dict | None = None) -> tuple[dict, float]:
+    """The study as users run it, `python studies/boost_sweep.py --config … --fresh`, in a process of its own: run
+    in this one, a second study would find the driver's imports (Tune, MLflow, Optuna's importances, matplotlib)
+    done by the first. Returns its summary.json and the process's wall seconds (start-up and imports included)."""
+    config = work / "study.yaml"
+    config.write_text(yaml.safe_dump(data))
+    began, machine = time.time(), machine_cpu_seconds()
+    done = subprocess.run([sys.executable, str(REPO / "studies" / "boost_sweep.py"), "--config", str(config),
+                           "--fresh"], env={**os.environ, **(env or {})}, stdout=sys.stderr)
+    wall = time.time() - began
+    path = work / "runs" / data["name"] / "summary" / "summary.json"
+    if not path.exists():
+        raise RuntimeError(f"the study exited {done.returncode} without a summary: python studies/boost_sweep.py "
+                           f"--config {config}")
+    summary = json.loads(path.read_text())
     if machine is not None:  # every process on the machine: trials, driver, Ray's own (raylet, GCS), anything else
         summary["machine_cpu_seconds"] = round(machine_cpu_seconds() - machine, 1)
     return summary, wall
@@ -126,19 +131,11 @@ def run_two_node(data: dict, work: Path) -> tuple[dict, float]:
     """The study submitted to a head and a second node on this machine (1 CPU each), as on a small cluster."""
     from studies.check_node_loss import start_cluster
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cluster = start_cluster(env)
+    cluster = start_cluster({**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
-        config = work / "study.yaml"
-        config.write_text(yaml.safe_dump(data))
-        began = time.time()
-        subprocess.run([sys.executable, str(REPO / "studies" / "boost_sweep.py"), "--config", str(config), "--fresh"],
-                       env={**env, "RAY_ADDRESS": cluster.address}, check=True, stdout=sys.stderr)
-        wall = time.time() - began
+        return run_study_process(data, work, {"RAY_ADDRESS": cluster.address})
     finally:
         cluster.stop()
-    summary = json.loads((work / "runs" / data["name"] / "summary" / "summary.json").read_text())
-    return summary, wall
 
 
 def peak_rss(data: dict) -> float:
@@ -151,7 +148,7 @@ def peak_rss(data: dict) -> float:
 
 
 def row(label: str, summary: dict, wall: float, data: dict) -> dict:
-    slots = summary["max_concurrent"]
+    slots, phases = summary["max_concurrent"], summary.get("phase_seconds", {})
     used = summary["trial_compute_seconds"] + slots * summary["teacher_cache_seconds"]
     return {"run": label, "trials": summary["finished"], "errored": summary["errored"], "max_concurrent": slots,
             "wall_seconds": round(wall, 1), "trial_compute_seconds": summary["trial_compute_seconds"],
@@ -161,7 +158,7 @@ def row(label: str, summary: dict, wall: float, data: dict) -> dict:
             "compute_fraction": round(used / (slots * wall), 3),
             "trials_per_hour": round(summary["finished"] / wall * 3600, 1), "peak_rss_mb": round(peak_rss(data), 1),
             "train_images_per_class": data["data"].get("options", {}).get("n_train", _default_n_train()),
-            "phase_seconds": summary.get("phase_seconds", {}),
+            "phase_seconds": {**phases, "other": round(wall - sum(phases.values()), 1)},
             **{key: summary[key] for key in ("driver_cpu_seconds", "machine_cpu_seconds") if key in summary}}
 
 
@@ -174,7 +171,7 @@ def main(argv=None) -> int:
             for slots in [c for c in args.slots if c > 0] if args.slots else [None]:  # --slots 0: no study
                 work = scratch.make("caspl-bench-study-")
                 data = study_data(args, slots, scale, work)
-                summary, wall = run_local(copy.deepcopy(data))
+                summary, wall = run_study_process(data, work)
                 rows.append(row(f"local slots={summary['max_concurrent']} images x{scale}", summary, wall, data))
                 print(json.dumps(rows[-1]), file=sys.stderr)
         side = side_by_side(args, scratch) if args.side_by_side else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -173,6 +174,7 @@ def summarise(prepared, rows: list[dict], parent_run_id: str, seconds: float, ve
                "teacher_cache_seconds": round(prepared.phase_seconds.get("teacher_cache", 0.0), 1),
                "phase_seconds": {name: round(value, 1) for name, value in prepared.phase_seconds.items()},
                "max_concurrent": prepared.study.search.max_concurrent,
+               "driver_cpu_seconds": round(time.process_time(), 1),  # this process's, from its start
                **{f"trial_{key}": round(sum(float(r["metrics"].get(key, 0)) for r in rows), 1)
                   for key in ("compute_seconds", "compute_cpu_seconds", "report_seconds")},
                "tracking_uri": tracking.tracking_uri, "parent_run_id": parent_run_id,
