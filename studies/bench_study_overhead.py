@@ -176,7 +176,6 @@ def main(argv=None) -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr)
         side = side_by_side(args, scratch) if args.side_by_side else None
         if args.two_node:
-            _stop_local_ray()
             work = scratch.make("caspl-bench-study-")
             data = study_data(args, 2, 1, work)
             summary, wall = run_two_node(data, work)
@@ -263,13 +262,6 @@ def ratios(rows: list[dict]) -> dict:
         high = next(r for r in local if r["train_images_per_class"] == scales[-1])
         out[f"peak_rss_{scales[-1] // scales[0]}x_images_over_1x"] = round(high["peak_rss_mb"] / low["peak_rss_mb"], 3)
     return out
-
-
-def _stop_local_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _prebuild_models(args) -> None:
