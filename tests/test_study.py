@@ -446,10 +446,9 @@ def test_a_study_on_uri_storage_survives_kills_at_startup_instants_kill_9_and_ct
         if run.info.run_id in end_times:
             assert client.get_run(run.info.run_id).info.end_time == end_times[run.info.run_id]
     assert (folder / "caspl_study.json").exists()  # the study state lives in the URI storage
-    trial_ids = {run.data.tags["caspl.trial_id"] for run in _children(_runs(db))}
-    temp = Path(tempfile.gettempdir())
-    left = [path.name for trial_id in trial_ids for path in temp.glob(f"caspl-trial-*{trial_id}*")]
-    assert len(trial_ids) == 4 and not left  # a killed attempt's scratch folder is removed by the trial's next attempt
+    parent_id = next(run.info.run_id for run in _runs(db) if "mlflow.parentRunId" not in run.data.tags)
+    # killed attempts' scratch folders: emptied by the trial's next attempt, or by the study at its end
+    assert list(Path(tempfile.gettempdir()).glob(f"caspl-trial-{parent_id[:12]}-*")) == []
 
     (folder / "tuner.pkl").write_bytes(b"damaged")  # Tune cannot read its own state after the parent run reopened
     late = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

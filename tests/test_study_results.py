@@ -192,12 +192,13 @@ def test_a_trial_stopped_between_its_final_report_and_mlflow_is_finished_from_it
     assert runs["running"].info.status == "RUNNING" and not runs["running"].data.metrics
 
 
-def test_a_trials_next_attempt_empties_the_scratch_folder_a_killed_attempt_left(tmp_path, monkeypatch):
+def test_a_trials_next_attempt_or_the_study_removes_the_scratch_folder_a_killed_attempt_left(tmp_path, monkeypatch):
     """A killed trial process cannot remove its scratch folder; the next attempt of the same trial of the same study
-    does. Other trials' and other studies' folders, and a link in the folder's place, are left alone."""
+    does, and the study removes those of its trials at its end. Other studies' folders, and a link in a folder's
+    place, are left alone."""
     import tempfile
 
-    from caspl.study.trial import trial_work_folder
+    from caspl.study.trial import remove_scratch_folders, trial_work_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     parent, other_parent = "a" * 32, "b" * 32
@@ -215,3 +216,7 @@ def test_a_trials_next_attempt_empties_the_scratch_folder_a_killed_attempt_left(
     (tmp_path / f"caspl-trial-{'c' * 12}-t1").symlink_to(target)
     fresh = trial_work_folder("c" * 32, "t1")
     assert fresh.is_dir() and fresh.parent == tmp_path and not fresh.is_symlink() and (target / "keep").exists()
+
+    assert remove_scratch_folders(parent) == 2 and remove_scratch_folders("c" * 32) == 0  # the link is not the study's
+    assert [path.name for path in tmp_path.glob("caspl-trial-*/trial_state.json")] == ["trial_state.json"]
+    assert (target / "keep").exists()

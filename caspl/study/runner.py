@@ -42,7 +42,7 @@ from caspl.study.lineage import dataset_inputs, dataset_specs, source_tags
 from caspl.study.report import OBJECTIVE, summarise, trial_rows
 from caspl.study.space import SearchSpace, trial_configs
 from caspl.study.storage import StudyFolder, normalise_storage, probe_writable
-from caspl.study.trial import finish_reported_trials
+from caspl.study.trial import finish_reported_trials, remove_scratch_folders
 from caspl.study.tracking import (TrackingSettings, check_parent_run, check_tracking, client, close_open_runs,
                                   absolute_uri, log_inputs_once, open_parent_run, read_env_file, settle_trial_runs,
                                   tracking_settings)
@@ -239,6 +239,7 @@ def _run(prepared: PreparedStudy, parent: str, interrupts: signals.Interrupts, s
     orphans = settle_trial_runs(prepared.tracking, parent, {row["trial_id"]: row["status"] for row in rows})
     if orphans:
         log(f"[study] deleted {len(orphans)} MLflow run(s) of trials lost by an interrupted run: {orphans}")
+    remove_scratch_folders(parent)  # on this machine; a trial on another node empties its folder when resumed
     summary = summarise(prepared, rows, parent, time.time() - started, verdict, log)
     client(prepared.tracking).set_terminated(parent, verdict["status"])
     prepared.phase_seconds["report"] = time.time() - began  # settling the runs, writing and logging the summary

@@ -285,14 +285,35 @@ def checkpoint_state(checkpoint) -> dict:
 def trial_work_folder(parent_run_id: str, trial_id: str) -> Path:
     """An empty scratch folder for this attempt of the trial. Its name is the trial's within the study (the parent
     run's id), so an attempt removes what a killed or failed attempt of the same trial left on this machine."""
-    path = Path(tempfile.gettempdir()) / f"caspl-trial-{parent_run_id[:12]}-{trial_id}"
-    if path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+    path = _scratch_root() / f"{_scratch_prefix(parent_run_id)}{trial_id}"
+    if _ours(path):
         shutil.rmtree(path)
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:  # not ours to remove (another user's, or a link): a folder of its own, as before
         return Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
     return path
+
+
+def remove_scratch_folders(parent_run_id: str) -> int:
+    """Delete the study's trial scratch folders left on this machine, once its trials have stopped: those of attempts
+    killed with no later attempt (a trial that Tune's state never recorded is started again under a new id)."""
+    left = [path for path in _scratch_root().glob(f"{_scratch_prefix(parent_run_id)}*") if _ours(path)]
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(left)
+
+
+def _scratch_root() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+def _scratch_prefix(parent_run_id: str) -> str:
+    return f"caspl-trial-{parent_run_id[:12]}-"
+
+
+def _ours(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
 
 
 def _restore(work: Path) -> dict:
