@@ -95,5 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `caspl` console script: main(), then an exit that skips the shutdown's collections (caspl.startup).
+    main() alone is for callers in a longer-lived process (tests), whose objects must stay collectable."""
+    from caspl.startup import before_exit
+
+    code = main()
+    before_exit()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -113,4 +113,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from caspl.startup import before_exit
+
+    before_exit()
+    sys.exit(code)

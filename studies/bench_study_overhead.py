@@ -279,4 +279,8 @@ def _prebuild_models(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from caspl.startup import before_exit
+
+    before_exit()
+    sys.exit(code)

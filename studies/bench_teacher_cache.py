@@ -116,4 +116,8 @@ def measure(args, store: ArtifactStore) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from caspl.startup import before_exit
+
+    before_exit()
+    sys.exit(code)

@@ -54,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="study name (overrides the config's `name`)")
     args = parser.parse_args(argv)
 
-    from caspl.config import load_yaml
-    from caspl.errors import CasplError
-    from caspl.study.config import load_study_config
-    from caspl.study.runner import run_study
+    from caspl.startup import loading_modules
+
+    with loading_modules():
+        from caspl.config import load_yaml
+        from caspl.errors import CasplError
+        from caspl.study.config import load_study_config
+        from caspl.study.runner import run_study
 
     try:
         data = load_yaml(args.config)
@@ -79,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt:  # Ctrl-C before the study started (e.g. while importing torch): nothing to resume yet
         print("boost_sweep: interrupted; run the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    from caspl.startup import before_exit
+
+    before_exit()
+    sys.exit(code)

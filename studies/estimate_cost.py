@@ -150,4 +150,8 @@ def _table(rows: list[dict], study, args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from caspl.startup import before_exit
+
+    before_exit()
+    sys.exit(code)

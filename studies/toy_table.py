@@ -191,7 +191,15 @@ def train_accuracy(cfg, seed: int, student) -> tuple[float, float, float]:
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """The worker processes of every run and reference row (started once: each start imports torch and caspl)."""
     context = multiprocessing.get_context("spawn")  # no fork after Ray or torch threads started
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_load_worker_modules)
+
+
+def _load_worker_modules() -> None:
+    """What every job imports, loaded once per worker with the garbage collector paused (caspl.startup)."""
+    from caspl.startup import loading_modules
+
+    with loading_modules():
+        import caspl.train.adapt  # noqa: F401  (torch, open_clip, the methods)
 
 
 def run_all(jobs: list, pool: ProcessPoolExecutor) -> list[dict]:
@@ -443,4 +451,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from caspl.startup import before_exit
+
+    before_exit()
+    sys.exit(code)

@@ -19,6 +19,7 @@ STUDIES = REPO / "studies"
 BENCHMARK_KEYS = {
     "bench_cache_throughput.py": {"raw_views_per_s", "cache_views_per_s", "ratio", "raw_seconds", "cache_seconds"},
     "bench_inference.py": {"model", "repeats", "results"},
+    "bench_startup.py": {"modules", "repeats", "default", "paused", "ratios", "seconds_saved_per_process"},
     "bench_study_overhead.py": {"runs", "ratios"},
     "bench_teacher_cache.py": {"speedup", "ideal_speedup", "fraction_of_ideal", "teacher_view_passes_later_trials"},
 }
@@ -38,7 +39,7 @@ def test_every_script_has_a_smoke_test_that_a_test_runs():
 
 
 SMOKE_SECONDS = {"bench_study_overhead.py": 50, "bench_cache_throughput.py": 20, "bench_teacher_cache.py": 20,
-                 "bench_inference.py": 8}  # serial, measured here: the longest start first under xdist
+                 "bench_inference.py": 8, "bench_startup.py": 5}  # serial, measured here: the longest start first under xdist
 
 
 @pytest.mark.parametrize("script", [pytest.param(name, marks=pytest.mark.slow(seconds=SMOKE_SECONDS[name]))
@@ -69,6 +70,12 @@ def test_benchmark_smoke_test_prints_its_summary_last(script, tmp_path):
         assert summary["teacher_view_passes_later_trials"] == [0, 0, 0]
     if script == "bench_inference.py":
         assert all(len(row["slowdown_pct_per_repeat"]) == summary["repeats"] for row in summary["results"])
+    if script == "bench_startup.py":  # no full collection while the modules load with the collector paused
+        assert summary["paused"]["full_collections"] == 0 < summary["default"]["full_collections"]
+        assert all(len(summary[kind][key]["all"]) == summary["repeats"] for kind in ("default", "paused")
+                   for key in ("import_seconds", "exit_seconds"))
+        assert summary["ratios"]["exit"] == pytest.approx(summary["default"]["exit_seconds"]["median"]
+                                                          / summary["paused"]["exit_seconds"]["median"], rel=0.01)
 
 
 @pytest.mark.parametrize("run", ["adapt", "boost"])

@@ -40,6 +40,7 @@ from caspl.data.views import make_view
 from caspl.distill.teacher import FORWARD_VIEWS
 from caspl.errors import ConfigError, DataError
 from caspl.models import ModelSpec, check_weights, model_identity, resolve_checkpoint
+from caspl.startup import freeze_loaded
 
 KIND = "teacher_logits"
 CACHE_VERSION = 2  # 2: scores in fixed-size teacher passes (bit-identical whatever the batching; see FORWARD_VIEWS)
@@ -114,6 +115,7 @@ class TeacherActor:
         self.scorer = TeacherScorer(loaded, text, crop_scale, pass_size=FORWARD_VIEWS)
         self.spec = self.scorer.view_spec
         self.views, self.seed, self.n_classes = views, seed, len(classnames)
+        freeze_loaded()  # modules and teacher live as long as the actor: out of the collector's walks (caspl.startup)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, paths = [str(i) for i in batch["id"]], [str(p) for p in batch["path"]]

@@ -40,8 +40,10 @@ def run_trial(config: dict, study: dict, context: dict) -> None:
     import ray
     from ray import tune
 
+    from caspl.startup import freeze_loaded
     from caspl.train.adapt import AdaptRunConfig
 
+    freeze_loaded()  # the study stack, loaded by Ray as it unpickled this function: out of the collector's walks
     quiet_trial_logging()
     study_cfg = load_study_config(study)
     seed = study_cfg.search.seeds[int(config.get("__trial_index__", 0))]
