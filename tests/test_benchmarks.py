@@ -38,8 +38,9 @@ def test_every_script_has_a_smoke_test_that_a_test_runs():
         assert script.name in tests or script.stem in tests, f"{script.name}: no test exercises it"
 
 
+# serial, measured here: the longest start first under xdist
 SMOKE_SECONDS = {"bench_study_overhead.py": 50, "bench_cache_throughput.py": 20, "bench_teacher_cache.py": 20,
-                 "bench_inference.py": 8, "bench_startup.py": 5}  # serial, measured here: the longest start first under xdist
+                 "bench_inference.py": 8, "bench_startup.py": 5}
 
 
 @pytest.mark.parametrize("script", [pytest.param(name, marks=pytest.mark.slow(seconds=SMOKE_SECONDS[name]))
