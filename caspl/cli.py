@@ -98,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The `caspl` console script: main(), then an exit that skips the shutdown's collections (caspl.startup).
     main() alone is for callers in a longer-lived process (tests), whose objects must stay collectable."""
-    from caspl.startup import before_exit
+    from caspl.startup import exit_with
 
-    code = main()
-    before_exit()
-    sys.exit(code)
+    exit_with(main())
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ its pool, Tune's `__ray_terminate__`), so its shutdown walked the whole stack to
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 _frozen_once = False
 
@@ -39,6 +41,12 @@ def before_exit() -> None:
     a process that loaded the study stack). Objects still alive are freed by the operating system; files and streams
     are flushed by their own atexit handlers and by reference counting, as before."""
     gc.freeze()
+
+
+def exit_with(code: int) -> NoReturn:
+    """End a command's process: `if __name__ == "__main__": exit_with(main())`."""
+    before_exit()
+    sys.exit(code)
 
 
 def freeze_loaded() -> None:

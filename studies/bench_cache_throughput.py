@@ -113,8 +113,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    from caspl.startup import before_exit
+    from caspl.startup import exit_with
 
-    before_exit()
-    sys.exit(code)
+    exit_with(main())

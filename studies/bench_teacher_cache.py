@@ -116,8 +116,6 @@ def measure(args, store: ArtifactStore) -> dict:
 
 
 if __name__ == "__main__":
-    code = main()
-    from caspl.startup import before_exit
+    from caspl.startup import exit_with
 
-    before_exit()
-    sys.exit(code)
+    exit_with(main())

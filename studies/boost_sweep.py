@@ -86,7 +86,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before the study started (e.g. while importing torch): nothing to resume yet
         print("boost_sweep: interrupted; run the same command to resume", file=sys.stderr)
         code = 130
-    from caspl.startup import before_exit
+    from caspl.startup import exit_with
 
-    before_exit()
-    sys.exit(code)
+    exit_with(code)

@@ -150,8 +150,6 @@ def _table(rows: list[dict], study, args) -> str:
 
 
 if __name__ == "__main__":
-    code = main()
-    from caspl.startup import before_exit
+    from caspl.startup import exit_with
 
-    before_exit()
-    sys.exit(code)
+    exit_with(main())

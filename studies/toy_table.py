@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -451,8 +450,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    from caspl.startup import before_exit
+    from caspl.startup import exit_with
 
-    before_exit()
-    sys.exit(code)
+    exit_with(main())
