@@ -1,10 +1,10 @@
 """Start-up and exit of a process that loads the study stack (torch, open_clip, Ray, MLflow, Optuna).
 
-Python's cyclic garbage collector walks every object it tracks at each full collection. Loading the stack creates
-over a million such objects, all of them module-level and alive until the process ends, so walking them can free
-nothing: yet the collector runs nine full collections while the modules load, and the interpreter's shutdown spends
-about 2 s in collections over them again (`python studies/bench_startup.py`; numbers in the README). Freezing keeps
-the cyclic garbage that the imports left (about 10 MB of a driver's 980 MB here) for the life of the process.
+Python's cyclic garbage collector walks every object it tracks at each full collection. Loading the stack leaves
+about 0.7 million such objects, module-level and alive until the process ends, so walking them can free nothing:
+yet the collector runs nine full collections while the modules load, and the interpreter's shutdown spends about
+2 s in collections over them again (`python studies/bench_startup.py`; numbers in the README). Freezing keeps the
+cyclic garbage that the imports left (about 10 MB of a driver's 980 MB here) for the life of the process.
 
 A Ray worker (a trial, a teacher actor) has its modules loaded by Ray, which imports our code as it unpickles it:
 there `freeze_loaded()` is all that applies. Ray ends such a worker with an exit like any other (an actor dropped by
