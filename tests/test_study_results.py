@@ -220,3 +220,39 @@ def test_a_trials_next_attempt_or_the_study_removes_the_scratch_folder_a_killed_
     assert remove_scratch_folders(parent) == 2 and remove_scratch_folders("c" * 32) == 0  # the link is not the study's
     assert [path.name for path in tmp_path.glob("caspl-trial-*/trial_state.json")] == ["trial_state.json"]
     assert (target / "keep").exists()
+
+
+def test_the_study_waits_for_its_trial_workers_on_this_machine_to_exit():
+    """Before Ray's shutdown (which would SIGTERM a worker still exiting): this host's trial pids, awaited until gone
+    or a zombie, never past the timeout."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from caspl.study.runner import await_exit, trial_worker_pids
+
+    host = socket.gethostname()
+    rows = [{"metrics": {"pid": 11, "hostname": host}}, {"metrics": {"pid": 11, "hostname": host}},
+            {"metrics": {"pid": 12, "hostname": "another-node"}}, {"metrics": {}}]
+    assert trial_worker_pids(rows) == {11}
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    began = time.time()
+    assert await_exit({exiting.pid}, timeout=30) == set()
+    assert 0.2 < time.time() - began < 10
+    exiting.wait()
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(1.0)  # exited, not yet reaped: a zombie has nothing left to interrupt
+    assert await_exit({zombie.pid}, timeout=30) == set()
+    zombie.wait()
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        began = time.time()
+        assert await_exit({running.pid}, timeout=0.3) == {running.pid}
+        assert time.time() - began < 5
+    finally:
+        running.kill()
+        running.wait()
