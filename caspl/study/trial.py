@@ -292,8 +292,9 @@ def trial_work_folder(parent_run_id: str, trial_id: str) -> Path:
         shutil.rmtree(path)
     try:
         path.mkdir(mode=0o700)
-    except FileExistsError:  # not ours to remove (another user's, or a link): a folder of its own, as before
-        return Path(tempfile.mkdtemp(prefix=f"caspl-trial-{trial_id}-"))
+    except FileExistsError:  # not ours to remove (another user's, or a link): a folder of its own, which the study
+        # still removes at its end (its name starts with the study's prefix)
+        return Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(parent_run_id)}{trial_id}-", dir=_scratch_root()))
     return path
 
 
