@@ -37,6 +37,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from caspl.procfs import stat_fields  # noqa: E402
+
 SWEEP = REPO / "studies" / "boost_sweep.py"
 CONFIG = REPO / "studies" / "configs" / "study" / "tiny_check.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -111,7 +113,7 @@ def session_pids(session: int) -> list[int]:
         try:
             if not proc.name.isdigit():
                 continue
-            state, _, _, sid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            state, _, _, sid = stat_fields(proc)[:4]
             if int(sid) == session and state != "Z":
                 found.append(int(proc.name))
         except (OSError, ValueError, IndexError):

@@ -23,6 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from caspl.procfs import stat_fields  # noqa: E402
+
 # (kind, patterns): a process is of the first kind with a pattern in its program (see `program`); order matters
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("teacher actors", ("TeacherActor",)),
@@ -87,12 +91,11 @@ def read_processes() -> dict[tuple[int, int], tuple[float, list[str]]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(entry.path, "stat").read_text()
+            fields = stat_fields(entry.path)
             argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:  # ended meanwhile, or not ours to read
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) ": state is field 3 of stat(5)
-        cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of proc(5))
         found[(int(entry.name), int(fields[19]))] = (cpu, [arg for arg in argv if arg] if argv[0] else [])
     return found
 

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "caspl"
 # lower number = lower layer; a module may import its own layer or below, never above
 LEVELS = {
-    "caspl": 0, "errors": 0, "artifacts": 0, "ray_env": 0, "startup": 0,
+    "caspl": 0, "errors": 0, "artifacts": 0, "ray_env": 0, "startup": 0, "procfs": 0,
     "config": 1, "models": 1, "data": 1,
     "distill": 2,
     "methods": 3,

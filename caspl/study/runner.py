@@ -263,21 +263,14 @@ def await_exit(pids: set[int], timeout: float = 10.0) -> set[int]:
     shutdown meanwhile sends them SIGTERM, and Ray's handler raises SystemExit wherever the worker is: inside a
     weakref callback the interpreter prints "Exception ignored in ... SystemExit: 1" on the study's console (seen in
     about one smoke study in ten here, and failing the job-submit test once)."""
+    from caspl.procfs import running  # Linux's /proc: elsewhere nothing is waited for
+
     deadline = time.time() + timeout
     while pids and time.time() < deadline:
-        pids = {pid for pid in pids if _running(pid)}
+        pids = {pid for pid in pids if running(pid)}
         if pids:
             time.sleep(0.05)
-    return {pid for pid in pids if _running(pid)}
-
-
-def _running(pid: int) -> bool:
-    """Linux's /proc: a process that is neither gone nor a zombie (without /proc, nothing is waited for)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return {pid for pid in pids if running(pid)}
 
 
 def _verdict(study: StudyConfig, rows: list[dict], signum: int | None) -> dict:
