@@ -45,22 +45,25 @@ def smoke_overrides(data: dict) -> dict:
     return data
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="study YAML (default: %(default)s)")
     parser.add_argument("--smoke-test", action="store_true", help="a few tiny trials of the same study")
     parser.add_argument("--fresh", action="store_true", help="start the study over instead of resuming it")
     parser.add_argument("--storage", help="Tune storage path or URI (overrides the config's `storage`)")
     parser.add_argument("--name", help="study name (overrides the config's `name`)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from caspl.startup import loading_modules
 
-    with loading_modules():
-        from caspl.config import load_yaml
-        from caspl.errors import CasplError
-        from caspl.study.config import load_study_config
-        from caspl.study.runner import run_study
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    from caspl.config import load_yaml
+    from caspl.errors import CasplError
+    from caspl.study.config import load_study_config
+    from caspl.study.runner import run_study
 
     try:
         data = load_yaml(args.config)
@@ -80,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     return summary["exit_code"]
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the process: its stack loaded with the collector paused, its exit quick (caspl.startup)
+    from caspl.startup import exit_with, loading_modules
+
+    arguments = parse_args()  # --help and usage errors before the imports
     try:
-        code = main()
+        with loading_modules():
+            import caspl.study.runner  # noqa: F401  (torch, open_clip, Ray: what run() imports from)
+        code = run(arguments)
     except KeyboardInterrupt:  # Ctrl-C before the study started (e.g. while importing torch): nothing to resume yet
         print("boost_sweep: interrupted; run the same command to resume", file=sys.stderr)
         code = 130
-    from caspl.startup import exit_with
-
     exit_with(code)
