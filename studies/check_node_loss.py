@@ -122,11 +122,14 @@ def session_pids(session: int) -> list[int]:
 
 
 def start_node(args: list[str], temp_dir: str, env: dict) -> Node:
-    """`ray start ARGS --temp-dir=TEMP_DIR` in a new session (whose id is the pid of `ray start`)."""
+    """`ray start ARGS --temp-dir=TEMP_DIR` in a new session (whose id is the pid of `ray start`). TEMP_DIR is the
+    node's $TMPDIR too: what its processes put in a temporary folder (the dashboard's multiprocessing left a
+    /tmp/pymp-* folder at every stop) is deleted with the node."""
     taken = {int(port) for port in re.findall(r"port=(\d+)", " ".join(args))}  # --port, --dashboard-port
     command = [RAY, "start", *args, "--disable-usage-stats", f"--temp-dir={temp_dir}", *_agent_ports(taken)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)  # Python ignores a $TMPDIR that does not exist
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env, "TMPDIR": temp_dir}, start_new_session=True)
     out, _ = proc.communicate(timeout=180)
     node = Node(temp_dir, proc.pid)
     if proc.returncode != 0:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -363,8 +364,9 @@ print(json.dumps({"killed": killed, "images": len(ids), "computed": survivor.com
 
 @pytest.mark.slow(seconds=38)
 def test_a_killed_teacher_actor_is_replaced_and_the_cache_completes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "TMPDIR": str(tmp_path), "RAY_TMPDIR": tempfile.gettempdir()}  # Ray's dashboard left a /tmp/pymp-* folder
+    env.pop("RAY_ADDRESS", None)  # (Ray's own folder stays short: its socket paths must be under 108 bytes)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=240)
