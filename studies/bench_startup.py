@@ -5,7 +5,8 @@ caspl.startup (collector paused while the modules load, then frozen; frozen agai
     python studies/bench_startup.py --smoke-test     # one repeat of each, torch only (CI)
 
 Each repeat starts a fresh interpreter that imports the modules a study's driver loads and exits:
-    import_seconds  = from the interpreter's first line to the last module loaded
+    import_seconds  = from the child's first line of code (the interpreter's own start excluded) to the last module
+                      loaded
     exit_seconds    = from the child's last line to its exit, as its parent sees it (the interpreter's shutdown)
     full_collections = full (generation 2) collections while the modules loaded
 The two kinds alternate so that a slower spell of the machine falls on both. The last line of stdout is a JSON summary
