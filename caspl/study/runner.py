@@ -317,15 +317,21 @@ def _tuner(prepared: PreparedStudy, parent: str, log: Log):
     # Tune's automatic loggers would add TensorBoard's (no TensorBoard here; its hint pointed at Ray's temp folder):
     # the study passes the CSV and JSON loggers itself.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    if folder.is_local:  # CheckpointConfig(num_to_keep) forces a snapshot of Tune's state every num_to_keep
-        # checkpoints of a trial (so the state never names a deleted checkpoint); on a local disk that costs
-        # milliseconds, and Tune's warning about snapshots less than 5 s apart would only be noise
-        os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     if folder.settle_tune_state(len(study.search.seeds)):
         log(f"[study] resuming {folder.path} (finished trials are kept, errored ones resumed)")
         fs, path = folder.filesystem()
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=fs)
     return _new_tuner(prepared, trainable)
+
+
+def checkpoint_config():
+    """Every checkpoint of a trial is kept (a trial checkpoint is its small state file, one per report). With
+    `num_to_keep`, Tune deletes a trial's older checkpoint as it registers a newer one but writes its experiment
+    state, which names the newer one, later and in the background: a kill in between left a state naming a deleted
+    checkpoint, and that trial then failed on every resume ("does not exist on storage anymore")."""
+    from ray import tune
+
+    return tune.CheckpointConfig(num_to_keep=None)
 
 
 def _new_tuner(prepared: PreparedStudy, trainable):
@@ -358,8 +364,7 @@ def _new_tuner(prepared: PreparedStudy, trainable):
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=study.name, storage_path=storage_path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
-                                  # resume needs the newest checkpoint only; one more survives Tune's snapshot
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  checkpoint_config=checkpoint_config(),
                                   callbacks=[signals.InterruptWatch(), status, CSVLoggerCallback(),
                                              JsonLoggerCallback()], verbose=0),
     )

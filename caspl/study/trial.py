@@ -325,11 +325,8 @@ def _restore(work: Path) -> dict:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return {}
-    try:
-        with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, work, dirs_exist_ok=True)
-    except FileNotFoundError:  # Tune kept only the newest checkpoints and a kill beat its state snapshot: start
-        return {}  # over (the MLflow run is found by trial id, the adapting run resumes from the artefact store)
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, work, dirs_exist_ok=True)
     path = work / TRIAL_STATE
     return json.loads(path.read_text()) if path.exists() else {}
 
