@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -83,13 +84,18 @@ def test_corrupted_weights_are_detected_and_rebuilt(tmp_path):
     assert sha256_file(rebuilt["weights"]) == digest
 
 
-def test_load_clip_toyworld_is_strict_and_cached(monkeypatch, tmp_path):
+def test_load_clip_toyworld_is_strict_and_cached(monkeypatch, tmp_path, capfd, caplog):
     for name, recipe in TINY_RECIPES.items():
         monkeypatch.setitem(tp.RECIPES, name, recipe)
     # a store of its own: the session's shared store may hold the tiny student already (the smoke-source test builds
     # the same key), and then load_clip rightly builds no partner
     monkeypatch.setenv("CASPL_CACHE", str(tmp_path))
+    caplog.set_level(logging.WARNING)  # conftest hushes the root logger to errors
     loaded = load_clip(ModelSpec(tp.STUDENT, pretrained="toyworld"))
+    told = capfd.readouterr().err  # minutes of building on first use: announced, with progress, no "randomly"
+    assert f"building ToyWorld weights (toyworld) for {tp.TEACHER}, {tp.STUDENT}" in told, told
+    assert f"pretrain {tp.STUDENT}" in told, told
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
     expected = tp.build_model(tp.STUDENT, progress=False)
     assert not expected["built"]  # load_clip built it into the default store
     assert not tp.build_model(tp.TEACHER, progress=False)["built"]  # and its partner with it

@@ -67,7 +67,7 @@ class _QuietRandomInit(logging.Filter):
 
 
 @contextmanager
-def _quiet_root_logger():
+def quiet_open_clip():
     """open_clip narrates every build at INFO on the root logger, which Ray workers print; hush it meanwhile."""
     root = logging.getLogger()
     level, quiet = root.level, _QuietRandomInit()
@@ -131,7 +131,7 @@ def load_clip(spec: ModelSpec, resolved: tuple[str | None, dict] | None = None) 
     if checkpoint is not None and spec.quick_gelu is None and not tag_cfg and not is_openai_jit:
         log.info("weights from %s: using quick_gelu=%s; set quick_gelu: true for OpenAI weights",
                  checkpoint, quick_gelu)
-    with torch.random.fork_rng(devices=[]), _quiet_root_logger():
+    with torch.random.fork_rng(devices=[]), quiet_open_clip():
         torch.manual_seed(zlib.crc32(spec.name.encode()))  # random init is the same in every process (teacher actors)
         model = open_clip.create_model(
             spec.name,
@@ -143,7 +143,7 @@ def load_clip(spec: ModelSpec, resolved: tuple[str | None, dict] | None = None) 
         _load_strict(model, state_dict, checkpoint, spec.name)
     model = model.to(device=spec.device, dtype=PRECISIONS[spec.precision]).eval()
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    with _quiet_root_logger():
+    with quiet_open_clip():
         tokenizer = open_clip.get_tokenizer(spec.name, context_length=model.context_length)
     return LoadedCLIP(model, tokenizer, preprocess, spec, checkpoint, {"quick_gelu": quick_gelu},
                       _identity(spec, checkpoint))
@@ -153,7 +153,7 @@ def meta_clip(name: str) -> tuple[open_clip.CLIP, Any]:
     """(architecture `name` on the meta device, its tokenizer): shapes without memory or weights, for checks and
     cost estimates (build prompt modules on it inside `with torch.device("meta")`)."""
     architecture_config(name)
-    with torch.device("meta"), _quiet_root_logger():
+    with torch.device("meta"), quiet_open_clip():
         model = open_clip.create_model(name, pretrained=None, device="meta")
         tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
     return model, tokenizer

@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from caspl.data.toyworld.render import DOMAINS, GENERATOR_VERSION
 from caspl.data.toyworld.stream import pretraining_stream
 from caspl.errors import ConfigError
 from caspl.models import LoadedCLIP, ModelSpec, architecture_config, load_clip, register_weight_source
+from caspl.models.loading import quiet_open_clip
 from caspl.train.schedule import set_lr, warmup_cosine
 
 KIND = "toyworld_models"
@@ -135,7 +137,11 @@ def resolve_weights(spec: ModelSpec) -> Path:
                           "use one of those architectures or another weight source")
     store = ArtifactStore()
     if store.get(KIND, model_key(spec.name, recipes[spec.name])) is None:
-        build_toyworld_models(store, recipes=recipes, progress=False)
+        missing = [name for name, recipe in recipes.items() if store.get(KIND, model_key(name, recipe)) is None]
+        print(f"[caspl] building ToyWorld weights ({spec.pretrained or 'toyworld'}) for {', '.join(missing)}: first "
+              f"use, then reused from {store.root / KIND} (the full recipes: 4 to 5 min on 2 cores)",
+              file=sys.stderr, flush=True)
+        build_toyworld_models(store, recipes=recipes)
     return build_model(spec.name, recipes[spec.name], store=store)["weights"]
 
 
@@ -243,7 +249,8 @@ def train_clip(name: str, recipe: Recipe, progress: bool = False,
 
     with _reproducible():
         torch.manual_seed(recipe.seed)
-        model = open_clip.create_model(name, pretrained=None).train()
+        with quiet_open_clip():
+            model = open_clip.create_model(name, pretrained=None).train()
         model.logit_scale.data.fill_(math.log(recipe.init_logit_scale))
         start = time.perf_counter()
         losses = _fit(model, open_clip.get_tokenizer(name, context_length=model.context_length), recipe,
