@@ -257,3 +257,25 @@ def test_the_study_waits_for_its_trial_workers_on_this_machine_to_exit():
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_trial_whose_checkpoint_is_gone_is_not_sent_to_a_rerun_that_would_fail_it_again():
+    """Tune's restore raises for a trial whose named checkpoint is missing, on every rerun: the verdict says so and
+    points at --fresh; any other error keeps the advice to run again."""
+    import yaml
+
+    from caspl.study.runner import _verdict
+
+    study = load_study_config(yaml.safe_load((REPO / "studies/configs/study/toy_default.yaml").read_text()))
+    gone = ("ValueError: Could not recover from checkpoint as it does not exist on storage anymore. Got storage fs "
+            "type `py::caspl-atomic-local` and path: /runs/tiny/077640e7/checkpoint_000001")
+    rows = [{"trial_id": "aaaa0001", "done": True, "error": None},
+            {"trial_id": "077640e7", "done": False, "error": gone}]
+    verdict = _verdict(study, rows, None)
+    assert (verdict["status"], verdict["exit_code"]) == ("FAILED", 1)
+    assert "077640e7 cannot resume" in verdict["message"] and "--fresh" in verdict["message"]
+    assert "run the same command again" not in verdict["message"]
+
+    rows[1]["error"] = "RuntimeError: CUDA out of memory"
+    message = _verdict(study, rows, None)["message"]
+    assert "run the same command again" in message and "cannot resume" not in message

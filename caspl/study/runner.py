@@ -273,6 +273,9 @@ def await_exit(pids: set[int], timeout: float = 10.0) -> set[int]:
     return {pid for pid in pids if running(pid)}
 
 
+CHECKPOINT_GONE = "does not exist on storage anymore"  # Tune's restore error (ray.tune.Trainable.restore)
+
+
 def _verdict(study: StudyConfig, rows: list[dict], signum: int | None) -> dict:
     """The study's status and exit code from its trials: each row gets its run's final status too."""
     for row in rows:
@@ -289,10 +292,13 @@ def _verdict(study: StudyConfig, rows: list[dict], signum: int | None) -> dict:
         return {"status": "KILLED", "exit_code": 128 + signum, "done": done, "expected": expected,
                 "message": f"interrupted with {done}/{expected} trials done; run the same command to resume"}
     if done != expected:
+        stranded = [row["trial_id"] for row in rows if CHECKPOINT_GONE in (row["error"] or "")]
+        advice = ("run the same command again to finish the rest" if not stranded else
+                  f"trial(s) {', '.join(stranded)} cannot resume: Tune's state names a checkpoint that is no longer in "
+                  "the storage, so a rerun fails them again; start the study over with --fresh")
         return {"status": "FAILED", "exit_code": 1, "done": done, "expected": expected,
                 "message": f"only {done} of the {expected} configured trials finished "
-                           f"({sum(r['status'] == 'FAILED' for r in rows)} errored); run the same command again "
-                           "to finish the rest"}
+                           f"({sum(r['status'] == 'FAILED' for r in rows)} errored); {advice}"}
     return {"status": "FINISHED", "exit_code": 0, "done": done, "expected": expected,
             "message": f"all {expected} trials finished"}
 
